@@ -1,0 +1,1 @@
+"""Data: synthetic persons (more to come: real datasets, TFDS builders, grain pipeline)."""

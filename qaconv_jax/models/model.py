@@ -1,0 +1,96 @@
+"""The full QAConv network: ResNet backbone -> neck -> unit feature maps -> QAConv head."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import linen as nn
+
+from qaconv_jax.models.norm import BatchNorm
+from qaconv_jax.models.qaconv import QAConv
+from qaconv_jax.models.resnet import ResNet
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+  """Unit length over the last axis, ``x / max(||x||, eps)`` (PyTorch ``F.normalize``)."""
+  norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True))
+  return x / jnp.maximum(norm, eps)
+
+
+class Neck(nn.Module):
+  """3x3 conv to ``dim`` channels, then BN ("v1", v1.0-v2.0) or a conv bias ("v2.1").
+
+  No ReLU. Output ``[N, h, w, dim]`` float32, L2-normalised at every location.
+  """
+  dim: int = 128
+  version: str = "v1"
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    if self.version not in ("v1", "v2.1"):
+      raise ValueError(f"neck version must be 'v1' or 'v2.1', got {self.version!r}.")
+    fan_in = 9 * x.shape[-1]
+    bound = fan_in**-0.5  # PyTorch Conv2d default init
+    x = nn.Conv(self.dim, (3, 3), padding=((1, 1), (1, 1)), use_bias=self.version == "v2.1",
+                kernel_init=nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
+                bias_init=lambda k, s, d=jnp.float32: jax.random.uniform(k, s, d, -bound, bound),
+                dtype=self.dtype, param_dtype=jnp.float32, name="conv")(x)
+    if self.version == "v1":
+      x = BatchNorm(dtype=self.dtype, name="bn")(x, train)
+    return l2_normalize(x.astype(jnp.float32))
+
+
+class QAConvModel(nn.Module):
+  """Backbone + neck + matcher, with submodules ``backbone``, ``neck``, ``qaconv``.
+
+  ``embed(images [N, H, W, 3] in [0, 1], train) -> [N, h, w, d]`` unit feature maps;
+  ``match(probe, gallery, train) -> logits [p, g]``;
+  ``__call__(images, memory=None, train)`` -> ``(features, logits)``, matching the batch
+  against ``memory [C, h, w, d]`` (or against itself when no memory is given, as at init).
+  """
+  depth: int = 50
+  width: int = 64
+  neck_dim: int = 128
+  neck_version: str = "v1"
+  head: str = "v1"
+  input_norm: str = "none"  # "none" (official: RGB in [0, 1]) or "imagenet"
+  dtype: Any = jnp.float32
+  match_block: tuple[int, int] | None = (4, 16)
+
+  def setup(self):
+    if self.input_norm not in ("none", "imagenet"):
+      raise ValueError(f"input_norm must be 'none' or 'imagenet', got {self.input_norm!r}.")
+    self.backbone = ResNet(depth=self.depth, width=self.width, dtype=self.dtype)
+    self.neck = Neck(dim=self.neck_dim, version=self.neck_version, dtype=self.dtype)
+    self.qaconv = QAConv(head=self.head, block=self.match_block)
+
+  def embed(self, images: jax.Array, train: bool) -> jax.Array:
+    if self.input_norm == "imagenet":
+      images = (images - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
+    return self.neck(self.backbone(images, train), train)
+
+  def match(self, probe: jax.Array, gallery: jax.Array, train: bool) -> jax.Array:
+    return self.qaconv(probe, gallery, train)
+
+  def __call__(self, images: jax.Array, memory: jax.Array | None = None, train: bool = False):
+    features = self.embed(images, train)
+    gallery = features if memory is None else memory
+    return features, self.match(features, gallery, train)
+
+
+def build_model(cfg: ml_collections.ConfigDict) -> QAConvModel:
+  """``config.model`` -> module. Every field is read, none defaulted here."""
+  dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+  if cfg.dtype not in dtypes:
+    raise ValueError(f"model.dtype must be one of {sorted(dtypes)}, got {cfg.dtype!r}.")
+  block = None if cfg.match_block is None else tuple(cfg.match_block)
+  return QAConvModel(depth=cfg.depth, width=cfg.width, neck_dim=cfg.neck_dim,
+                     neck_version=cfg.neck_version, head=cfg.head, input_norm=cfg.input_norm,
+                     dtype=dtypes[cfg.dtype], match_block=block)

@@ -1,0 +1,55 @@
+"""Batch normalisation with PyTorch's semantics.
+
+Flax's ``nn.BatchNorm`` updates its running variance with the *biased* batch variance;
+PyTorch uses the unbiased one. The published QAConv numbers come from PyTorch, and the
+converter (issue 6) maps running statistics one to one, so we keep PyTorch's rule.
+
+``scalar=True`` gives the matcher's one-dimensional BN (``BatchNorm1d(1)`` in the official
+code): ONE mean and variance over every value of the tensor it is given.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax.numpy as jnp
+from flax import linen as nn
+
+
+class BatchNorm(nn.Module):
+  """BN over all axes but the last (per channel), or over all axes (``scalar``).
+
+  Parameters ``scale``/``bias`` and batch_stats ``mean``/``var`` have shape ``[c]`` per
+  channel or ``[]`` when scalar. Statistics are computed in float32 whatever ``dtype`` is.
+  """
+
+  momentum: float = 0.1  # PyTorch convention: new = (1 - m) * old + m * batch
+  epsilon: float = 1e-5
+  scalar: bool = False
+  dtype: Any = jnp.float32
+  scale_init: Any = nn.initializers.ones
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+    feature_shape = () if self.scalar else (x.shape[-1],)
+    reduce_axes = tuple(range(x.ndim)) if self.scalar else tuple(range(x.ndim - 1))
+    scale = self.param("scale", self.scale_init, feature_shape, jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, feature_shape, jnp.float32)
+    ra_mean = self.variable("batch_stats", "mean", jnp.zeros, feature_shape, jnp.float32)
+    ra_var = self.variable("batch_stats", "var", jnp.ones, feature_shape, jnp.float32)
+
+    x32 = x.astype(jnp.float32)
+    if train:
+      mean = jnp.mean(x32, axis=reduce_axes)
+      # Two-pass variance: numerically safer than E[x^2] - E[x]^2 for large means.
+      var = jnp.mean(jnp.square(x32 - mean), axis=reduce_axes)
+      n = math.prod(x.shape[a] for a in reduce_axes)
+      if not self.is_initializing():
+        unbiased = var * (n / max(n - 1, 1))
+        ra_mean.value = (1.0 - self.momentum) * ra_mean.value + self.momentum * mean
+        ra_var.value = (1.0 - self.momentum) * ra_var.value + self.momentum * unbiased
+    else:
+      mean, var = ra_mean.value, ra_var.value
+    y = (x32 - mean) * (scale / jnp.sqrt(var + self.epsilon)) + bias
+    return y.astype(self.dtype)

@@ -1,0 +1,166 @@
+"""ResNet backbones in the torchvision v1.5 layout, NHWC, cut after a chosen stage.
+
+Parameter paths mirror torchvision's state_dict keys so that a checkpoint converts by a
+lookup table (`torchvision_key`): ``layer1.0.downsample.1.running_mean`` lives at
+``batch_stats['layer1_0']['downsample_1']['mean']``.
+
+QAConv uses the ``layer3`` output (stride 16): ``[N, H/16, W/16, 4*width*4]`` for
+bottleneck nets (1024 channels for ResNet-50 at width 64).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax.numpy as jnp
+from flax import linen as nn
+
+from qaconv_jax.models.norm import BatchNorm
+
+# torchvision's init: kaiming_normal_(mode="fan_out", nonlinearity="relu").
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+STAGES = ("layer1", "layer2", "layer3", "layer4")
+
+# depth -> (block kind, blocks per stage)
+ARCHS = {
+    18: ("basic", (2, 2, 2, 2)),
+    34: ("basic", (3, 4, 6, 3)),
+    50: ("bottleneck", (3, 4, 6, 3)),
+    101: ("bottleneck", (3, 4, 23, 3)),
+    152: ("bottleneck", (3, 8, 36, 3)),
+}
+
+
+def _conv(features: int, kernel: int, stride: int, name: str, dtype: Any) -> nn.Conv:
+  pad = kernel // 2  # explicit symmetric padding, as PyTorch (not "SAME")
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
+                 padding=((pad, pad), (pad, pad)), use_bias=False, kernel_init=conv_init,
+                 dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+class BasicBlock(nn.Module):
+  """Two 3x3 convs (ResNet-18/34). Output channels = ``planes``."""
+  planes: int
+  stride: int = 1
+  downsample: bool = False
+  dtype: Any = jnp.float32
+  expansion = 1
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    y = _conv(self.planes, 3, self.stride, "conv1", self.dtype)(x)
+    y = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(y, train))
+    y = _conv(self.planes, 3, 1, "conv2", self.dtype)(y)
+    y = BatchNorm(dtype=self.dtype, name="bn2")(y, train)
+    if self.downsample:
+      x = _conv(self.planes, 1, self.stride, "downsample_0", self.dtype)(x)
+      x = BatchNorm(dtype=self.dtype, name="downsample_1")(x, train)
+    return nn.relu(y + x)
+
+
+class Bottleneck(nn.Module):
+  """1x1 -> 3x3 (strided, v1.5) -> 1x1. Output channels = 4 * ``planes``."""
+  planes: int
+  stride: int = 1
+  downsample: bool = False
+  dtype: Any = jnp.float32
+  expansion = 4
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    y = _conv(self.planes, 1, 1, "conv1", self.dtype)(x)
+    y = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(y, train))
+    y = _conv(self.planes, 3, self.stride, "conv2", self.dtype)(y)
+    y = nn.relu(BatchNorm(dtype=self.dtype, name="bn2")(y, train))
+    y = _conv(self.planes * 4, 1, 1, "conv3", self.dtype)(y)
+    y = BatchNorm(dtype=self.dtype, name="bn3")(y, train)
+    if self.downsample:
+      x = _conv(self.planes * 4, 1, self.stride, "downsample_0", self.dtype)(x)
+      x = BatchNorm(dtype=self.dtype, name="downsample_1")(x, train)
+    return nn.relu(y + x)
+
+
+class ResNet(nn.Module):
+  """torchvision ResNet up to ``final_stage``.
+
+  Attributes:
+    depth: 18, 34, 50, 101 or 152.
+    final_stage: last stage built; QAConv uses "layer3" (stride 16).
+    width: channels of the stem and of layer1's planes (64 in torchvision; tests shrink it).
+    dtype: compute dtype (float32 or bfloat16); parameters are always float32.
+
+  ``__call__(x [N, H, W, 3], train)`` returns the ``final_stage`` map, or with
+  ``return_stages=True`` a dict ``{"stem", "layer1", ...}`` of every stage built.
+  """
+  depth: int = 50
+  final_stage: str = "layer3"
+  width: int = 64
+  dtype: Any = jnp.float32
+
+  def _check_attributes(self):
+    if self.depth not in ARCHS:
+      raise ValueError(f"ResNet depth must be one of {sorted(ARCHS)}, got {self.depth}.")
+    if self.final_stage not in STAGES:
+      raise ValueError(f"final_stage must be one of {STAGES}, got {self.final_stage!r}.")
+
+  @nn.compact
+  def __call__(self, x, train: bool, return_stages: bool = False):
+    self._check_attributes()
+    if x.ndim != 4 or x.shape[-1] != 3:
+      raise ValueError(f"ResNet expects images [N, H, W, 3] (NHWC), got shape {x.shape}.")
+    kind, counts = ARCHS[self.depth]
+    block_cls = BasicBlock if kind == "basic" else Bottleneck
+
+    x = x.astype(self.dtype)
+    x = _conv(self.width, 7, 2, "conv1", self.dtype)(x)
+    x = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(x, train))
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    outputs = {"stem": x}
+    in_channels = self.width
+    for s, (stage, count) in enumerate(zip(STAGES, counts)):
+      planes = self.width * 2**s
+      for b in range(count):
+        stride = 2 if (b == 0 and s > 0) else 1
+        out_channels = planes * block_cls.expansion
+        needs_ds = b == 0 and (stride != 1 or in_channels != out_channels)
+        x = block_cls(planes, stride, needs_ds, self.dtype, name=f"{stage}_{b}")(x, train)
+        in_channels = out_channels
+      outputs[stage] = x
+      if stage == self.final_stage:
+        break
+    return outputs if return_stages else x
+
+
+def output_channels(depth: int, width: int = 64, final_stage: str = "layer3") -> int:
+  """Channels of the ``final_stage`` map, e.g. 1024 for ResNet-50's layer3."""
+  kind, _ = ARCHS[depth]
+  expansion = 1 if kind == "basic" else 4
+  return width * 2**STAGES.index(final_stage) * expansion
+
+
+_TORCH_LEAF = {
+    ("params", "kernel"): "weight",
+    ("params", "scale"): "weight",
+    ("params", "bias"): "bias",
+    ("batch_stats", "mean"): "running_mean",
+    ("batch_stats", "var"): "running_var",
+}
+
+
+def torchvision_key(collection: str, path: Sequence[str]) -> str:
+  """Flax path in ``collection`` -> torchvision state_dict key.
+
+  ``("params", ("layer2_0", "downsample_0", "kernel"))`` -> ``"layer2.0.downsample.0.weight"``.
+  Module names ``name_i`` become ``name.i``; leaves follow PyTorch's naming.
+  """
+  *modules, leaf = path
+  parts = []
+  for m in modules:
+    head, sep, tail = m.rpartition("_")
+    parts.append(f"{head}.{tail}" if sep and tail.isdigit() else m)
+  try:
+    parts.append(_TORCH_LEAF[(collection, leaf)])
+  except KeyError:
+    raise KeyError(f"no torchvision name for {collection}/{'/'.join(path)}") from None
+  return ".".join(parts)
