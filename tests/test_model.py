@@ -139,11 +139,11 @@ def test_bfloat16_compute_keeps_float32_params(rng):
   x = jnp.asarray(rng.uniform(size=(2, 64, 32, 3)), jnp.float32)
   f32 = QAConvModel(depth=18, width=16, neck_dim=16)
   bf16 = QAConvModel(depth=18, width=16, neck_dim=16, dtype=jnp.bfloat16)
-  variables = f32.init(jax.random.key(0), x, train=False)
+  variables = jax.jit(f32.init, static_argnames="train")(jax.random.key(0), x, train=False)
   assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(
-      bf16.init(jax.random.key(0), x, train=False)))
-  a = f32.apply(variables, x, train=False, method=QAConvModel.embed)
-  b = bf16.apply(variables, x, train=False, method=QAConvModel.embed)
+      jax.eval_shape(lambda: bf16.init(jax.random.key(0), x, train=False))))
+  embed = lambda m: jax.jit(lambda v, x: m.apply(v, x, train=False, method=QAConvModel.embed))
+  a, b = embed(f32)(variables, x), embed(bf16)(variables, x)
   assert b.dtype == jnp.float32 and a.shape == b.shape == (2, 4, 2, 16)
   cos = np.sum(np.asarray(a) * np.asarray(b), axis=-1)
   assert cos.min() > 0.98
@@ -152,8 +152,9 @@ def test_bfloat16_compute_keeps_float32_params(rng):
 def test_model_submodules_and_call(rng):
   model = QAConvModel(depth=18, width=8, neck_dim=8, head="v2")
   x = jnp.asarray(rng.uniform(size=(3, 64, 32, 3)), jnp.float32)
-  variables = model.init(jax.random.key(0), x, train=False)
+  variables = jax.jit(model.init, static_argnames="train")(jax.random.key(0), x, train=False)
   assert set(variables["params"]) == {"backbone", "neck", "qaconv"}
   memory = jnp.zeros((5, 4, 2, 8))
-  feats, logits = model.apply(variables, x, memory=memory, train=False)
+  feats, logits = jax.jit(lambda v, x, m: model.apply(v, x, memory=m, train=False))(
+      variables, x, memory)
   assert feats.shape == (3, 4, 2, 8) and logits.shape == (3, 5)

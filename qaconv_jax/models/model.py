@@ -10,7 +10,7 @@ import ml_collections
 from flax import linen as nn
 
 from qaconv_jax.models.norm import BatchNorm
-from qaconv_jax.models.qaconv import QAConv
+from qaconv_jax.models.qaconv import DEFAULT_BLOCK, QAConv
 from qaconv_jax.models.resnet import ResNet
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -62,7 +62,7 @@ class QAConvModel(nn.Module):
   head: str = "v1"
   input_norm: str = "none"  # "none" (official: RGB in [0, 1]) or "imagenet"
   dtype: Any = jnp.float32
-  match_block: tuple[int, int] | None = (4, 16)
+  match_block: tuple[int, int] | None = DEFAULT_BLOCK
 
   def setup(self):
     if self.input_norm not in ("none", "imagenet"):

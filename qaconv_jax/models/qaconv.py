@@ -22,7 +22,7 @@ from qaconv_jax.models.norm import BatchNorm
 
 # (probe tile, gallery tile). Chosen with bench/bench_matching.py on a 2-core CPU; on a GPU
 # larger tiles (or None: one einsum) are better. Configs set it explicitly.
-DEFAULT_BLOCK = (4, 16)
+DEFAULT_BLOCK = (4, 32)
 
 
 def _check_maps(probe: jax.Array, gallery: jax.Array) -> None:
@@ -34,17 +34,30 @@ def _check_maps(probe: jax.Array, gallery: jax.Array) -> None:
                      f"{probe.shape[1:]} and gallery {gallery.shape[1:]}.")
 
 
+def _similarity_tile(pt: jax.Array, gt: jax.Array) -> jax.Array:
+  """``pt [tp, hw, d]``, ``gt [tg, hw, d]`` -> cosines ``[tp, hw, tg, hw]`` (p, s, g, r).
+
+  One plain 2-D matmul ``[tp*hw, d] @ [d, tg*hw]``: on CPU this ran ~10% faster than the
+  4-D einsum, whose output layout XLA had to transpose.
+  """
+  tp, hw, d = pt.shape
+  tg = gt.shape[0]
+  s = jnp.dot(pt.reshape(tp * hw, d), gt.reshape(tg * hw, d).T,
+              preferred_element_type=jnp.float32)  # [tp*hw, tg*hw]
+  return s.reshape(tp, hw, tg, hw)
+
+
 def _maxima_tile(pt: jax.Array, gt: jax.Array) -> jax.Array:
   """``pt [tp, hw, d]``, ``gt [tg, hw, d]`` -> ``[tp, tg, 2hw]`` (gallery-indexed first)."""
-  s = jnp.einsum("psc,grc->pgsr", pt, gt, preferred_element_type=jnp.float32)  # [tp,tg,hw,hw]
-  return jnp.concatenate([s.max(axis=2), s.max(axis=3)], axis=-1)
+  s = _similarity_tile(pt, gt)  # [tp, hw(s), tg, hw(r)]
+  return jnp.concatenate([s.max(axis=1), s.max(axis=3).transpose(0, 2, 1)], axis=-1)
 
 
 def _maxima_and_indices_tile(pt: jax.Array, gt: jax.Array):
-  s = jnp.einsum("psc,grc->pgsr", pt, gt, preferred_element_type=jnp.float32)  # [tp,tg,hw,hw]
-  maxima = jnp.concatenate([s.max(axis=2), s.max(axis=3)], axis=-1)
-  indices = jnp.concatenate([s.argmax(axis=2), s.argmax(axis=3)], axis=-1).astype(jnp.int32)
-  return maxima, indices
+  s = _similarity_tile(pt, gt)  # [tp, hw(s), tg, hw(r)]
+  maxima = jnp.concatenate([s.max(axis=1), s.max(axis=3).transpose(0, 2, 1)], axis=-1)
+  indices = jnp.concatenate([s.argmax(axis=1), s.argmax(axis=3).transpose(0, 2, 1)], axis=-1)
+  return maxima, indices.astype(jnp.int32)
 
 
 def _tiled(tile_fn: Callable, probe: jax.Array, gallery: jax.Array,
