@@ -5,7 +5,7 @@ matmul run in the same process (the machine's compute-bound rate), and the PyTor
 formulation of the official matcher (one einsum over a block, then two max reductions)
 when torch is installed. Also ResNet-50 forward images/second at 384x128.
 
-  python bench/bench_matching.py [--reps 3] [--probes 64] [--gallery 256] [--no-resnet]
+  python bench/bench_matching.py [--reps 5] [--probes 64] [--gallery 256] [--no-resnet]
 """
 
 from __future__ import annotations
@@ -54,12 +54,55 @@ def torch_official_style(probe: np.ndarray, gallery: np.ndarray, reps: int):
   return best_time(run, reps), torch.__version__
 
 
+def memory_loss_step(batch: int, classes: int, reps: int):
+  """Seconds of forward+backward of the focal class-memory loss w.r.t. the batch maps
+  (QAConv v1 head, train mode, memory [C, 24, 8, 128]); and the torch formulation's."""
+  from qaconv_jax.losses import focal_memory_loss
+  from qaconv_jax.models.qaconv import QAConv
+  rng = np.random.default_rng(1)
+  probe = jnp.asarray(unit_maps(rng, batch))
+  memory = jnp.asarray(unit_maps(rng, classes))
+  labels = jnp.asarray(rng.integers(0, classes, batch))
+  valid = jnp.ones(classes, bool)
+  head = QAConv(head="v1")
+  variables = head.init(jax.random.key(0), probe[:1], memory[:1], train=False)
+
+  def loss(params, x, memory):
+    logits, _ = head.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
+                           memory, train=True, mutable=["batch_stats"])
+    return jnp.mean(focal_memory_loss(logits, labels, valid))
+  step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+  t_jax = best_time(lambda: jax.block_until_ready(step(variables["params"], probe, memory)), reps)
+  try:
+    import torch
+  except ImportError:
+    return t_jax, None
+  p = torch.from_numpy(np.asarray(probe).reshape(batch, HW, D).transpose(0, 2, 1).copy())
+  g = torch.from_numpy(np.asarray(memory).reshape(classes, HW, D).transpose(0, 2, 1).copy())
+  y = torch.from_numpy(np.asarray(labels).astype(np.int64))
+  bn, logit_bn = torch.nn.BatchNorm1d(1), torch.nn.BatchNorm1d(1)
+  fc = torch.nn.Linear(2 * HW, 1)
+
+  def run():
+    x = p.clone().requires_grad_(True)
+    s = torch.einsum("pcs,gcr->pgsr", x, g)  # [b, C, hw, hw]
+    m = torch.cat((s.max(dim=2)[0], s.max(dim=3)[0]), dim=-1).view(-1, 1, 2 * HW)
+    z = logit_bn(fc(bn(m).view(-1, 2 * HW)).view(-1, 1)).view(batch, classes)
+    target = torch.nn.functional.one_hot(y, classes).float()
+    prob = torch.sigmoid(z)
+    p_hat = torch.where(target > 0, prob, 1 - prob)
+    ce = torch.nn.functional.binary_cross_entropy_with_logits(z, target, reduction="none")
+    ((1 - p_hat) ** 2 * ce).sum(1).mean().backward()
+  return t_jax, best_time(run, reps)
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--reps", type=int, default=3)
+  ap.add_argument("--reps", type=int, default=5)
   ap.add_argument("--probes", type=int, default=64)
   ap.add_argument("--gallery", type=int, default=256)
   ap.add_argument("--no-resnet", action="store_true")
+  ap.add_argument("--no-loss", action="store_true")
   args = ap.parse_args()
   print(f"machine: {machine()}\n")
   rng = np.random.default_rng(0)
@@ -96,6 +139,12 @@ def main():
   print(table(["case", "tile MB", "pairs/s", "GFLOP/s", "vs matmul"], rows))
   if baseline_pps is None:
     print("(torch not installed: `pip install torch` to add the PyTorch row)")
+
+  if not args.no_loss:
+    t_jax, t_torch = memory_loss_step(32, 751, max(1, args.reps - 1))
+    vs = "" if t_torch is None else f"; PyTorch formulation {t_torch:.2f} s ({t_torch / t_jax:.1f}x)"
+    print(f"\nclass-memory focal loss forward+backward, b=32, C=751, v1 head: "
+          f"{t_jax:.2f} s{vs}")
 
   if not args.no_resnet:
     model = ResNet(depth=50)

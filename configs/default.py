@@ -19,7 +19,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       head="v1",              # "v1": Dense(2hw -> 1); "v2": shared Dense(hw -> 1), summed
       input_norm="none",      # official: RGB in [0, 1], no mean/std
       dtype="float32",        # compute dtype; parameters stay float32
-      match_block=(4, 32),    # (probe, gallery) tile of match_maxima; None = one einsum
+      match_block=(8, 16),    # (probe, gallery) tile of match_maxima; None = one einsum
   ))
   c.loss = ml_collections.ConfigDict(dict(
       gamma=2.0,

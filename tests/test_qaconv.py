@@ -42,30 +42,51 @@ def test_match_maxima_indices_are_the_correspondences(rng, block):
   np.testing.assert_allclose(np.asarray(got_max), want_max, atol=2e-6)
 
 
-def _maxima_grad_ref(probe, gallery, cot):
-  """d(sum(cot * maxima))/d probe from the argmax correspondences, float64."""
+def _maxima_grads_ref(probe, gallery, cot):
+  """d(sum(cot * maxima)) w.r.t. probe and gallery, from the argmax correspondences."""
   p, h, w, d = probe.shape
   hw = h * w
   _, idx = match_maxima_ref(probe, gallery)
   pf, gf = probe.reshape(p, hw, d), gallery.reshape(-1, hw, d)
-  grad = np.zeros((p, hw, d))
+  d_p, d_g = np.zeros(pf.shape), np.zeros(gf.shape)
   for i in range(p):
     for j in range(gf.shape[0]):
-      for r in range(hw):   # gallery-indexed maximum: probe location idx gets G[r]
-        grad[i, idx[i, j, r]] += cot[i, j, r] * gf[j, r]
-      for s in range(hw):   # probe-indexed maximum: probe location s gets G[idx]
-        grad[i, s] += cot[i, j, hw + s] * gf[j, idx[i, j, hw + s]]
-  return grad.reshape(probe.shape)
+      for r in range(hw):   # gallery-indexed maximum: P[i, s*] . G[j, r]
+        s_star = idx[i, j, r]
+        d_p[i, s_star] += cot[i, j, r] * gf[j, r]
+        d_g[j, r] += cot[i, j, r] * pf[i, s_star]
+      for s in range(hw):   # probe-indexed maximum: P[i, s] . G[j, r*]
+        r_star = idx[i, j, hw + s]
+        d_p[i, s] += cot[i, j, hw + s] * gf[j, r_star]
+        d_g[j, r_star] += cot[i, j, hw + s] * pf[i, s]
+  return d_p.reshape(probe.shape), d_g.reshape(gallery.shape)
 
 
-@pytest.mark.parametrize("block", [None, (2, 3)])
-def test_match_maxima_gradient_through_tiles(rng, block):
+@pytest.mark.parametrize("block", [None, (2, 3), (3, 2), (8, 16)])
+def test_match_maxima_gradients_through_tiles(rng, block):
   probe = random_unit_maps(rng, 4, 2, 2, 5)
   gallery = random_unit_maps(rng, 5, 2, 2, 5)
   cot = rng.normal(size=(4, 5, 8)).astype(np.float32)
-  grad = jax.grad(lambda x: jnp.sum(cot * match_maxima(x, gallery, block=block)))(probe)
-  np.testing.assert_allclose(np.asarray(grad), _maxima_grad_ref(probe, gallery, cot),
-                             atol=1e-5)
+  loss = lambda x, y: jnp.sum(cot * match_maxima(x, y, block=block))
+  d_p, d_g = jax.jit(jax.grad(loss, argnums=(0, 1)))(probe, gallery)
+  want_p, want_g = _maxima_grads_ref(probe, gallery, cot)
+  np.testing.assert_allclose(np.asarray(d_p), want_p, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(d_g), want_g, atol=1e-5)
+  # One side only (training differentiates the batch, never the memory): the backward
+  # pass skips the other side and must still give the same numbers.
+  only_p = jax.jit(jax.grad(lambda x: loss(x, jax.lax.stop_gradient(gallery))))(probe)
+  only_g = jax.jit(jax.grad(loss, argnums=1))(probe, gallery)
+  np.testing.assert_allclose(np.asarray(only_p), want_p, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(only_g), want_g, atol=1e-5)
+
+
+def test_match_maxima_gradient_goes_to_first_argmax_on_ties():
+  # Two identical probe locations tie for every gallery location: like PyTorch's
+  # max(dim), the whole gradient goes to the first one.
+  gallery = jnp.asarray(np.eye(2, 4, dtype=np.float32).reshape(1, 1, 2, 4))
+  probe = jnp.asarray(np.array([[1, 0, 0, 0], [1, 0, 0, 0]], np.float32).reshape(1, 1, 2, 4))
+  grad = jax.grad(lambda x: jnp.sum(match_maxima(x, gallery)[..., :2]))(probe)
+  np.testing.assert_allclose(np.asarray(grad).reshape(2, 4), [[1, 1, 0, 0], [0, 0, 0, 0]])
 
 
 @pytest.mark.parametrize("probe_shape, gallery_shape, message", [

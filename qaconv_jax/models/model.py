@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
 
+from qaconv_jax.models.init import torch_default_kernel_init, uniform
 from qaconv_jax.models.norm import BatchNorm
 from qaconv_jax.models.qaconv import DEFAULT_BLOCK, QAConv
 from qaconv_jax.models.resnet import ResNet
@@ -37,10 +38,8 @@ class Neck(nn.Module):
     if self.version not in ("v1", "v2.1"):
       raise ValueError(f"neck version must be 'v1' or 'v2.1', got {self.version!r}.")
     fan_in = 9 * x.shape[-1]
-    bound = fan_in**-0.5  # PyTorch Conv2d default init
     x = nn.Conv(self.dim, (3, 3), padding=((1, 1), (1, 1)), use_bias=self.version == "v2.1",
-                kernel_init=nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
-                bias_init=lambda k, s, d=jnp.float32: jax.random.uniform(k, s, d, -bound, bound),
+                kernel_init=torch_default_kernel_init, bias_init=uniform(fan_in**-0.5),
                 dtype=self.dtype, param_dtype=jnp.float32, name="conv")(x)
     if self.version == "v1":
       x = BatchNorm(dtype=self.dtype, name="bn")(x, train)

@@ -15,10 +15,9 @@ from typing import Any, Sequence
 import jax.numpy as jnp
 from flax import linen as nn
 
+from qaconv_jax.models.init import resnet_conv_init
 from qaconv_jax.models.norm import BatchNorm
 
-# torchvision's init: kaiming_normal_(mode="fan_out", nonlinearity="relu").
-conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 
@@ -35,7 +34,7 @@ ARCHS = {
 def _conv(features: int, kernel: int, stride: int, name: str, dtype: Any) -> nn.Conv:
   pad = kernel // 2  # explicit symmetric padding, as PyTorch (not "SAME")
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                 padding=((pad, pad), (pad, pad)), use_bias=False, kernel_init=conv_init,
+                 padding=((pad, pad), (pad, pad)), use_bias=False, kernel_init=resnet_conv_init,
                  dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
