@@ -1,0 +1,184 @@
+"""Re-ID datasets in their standard folder layouts (SPEC section 8).
+
+``load_dataset(name, root)`` returns a ``ReidDataset`` whose ``train`` / ``query`` /
+``gallery`` are lists of ``Record(path, pid, camera, time)``: junk (pid -1) dropped,
+distractors (pid 0) kept, train pids relabelled 0..N-1 in sorted order, query/gallery pids
+raw, cameras 0-based, times in seconds (NaN where the dataset has none).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from typing import Callable
+
+from qaconv_jax.data import timestamps
+
+SPLIT_DIRS = {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}
+MSMT_LISTS = {"train": ("list_train.txt", "list_val.txt"), "query": ("list_query.txt",),
+              "gallery": ("list_gallery.txt",)}
+
+_MARKET = re.compile(r"^(-?\d+)_c(\d)s(\d)_(\d+)_(\d+)\.jpg$")
+_DUKE = re.compile(r"^(-?\d+)_c(\d+)_f(\d+)\.jpg$")
+_CUHK03 = re.compile(r"^(-?\d+)_c(\d+)_\d+\.png$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+  path: str
+  pid: int
+  camera: int  # 0-based
+  time: float  # seconds, NaN when unknown
+
+
+@dataclasses.dataclass(frozen=True)
+class ReidDataset:
+  name: str
+  root: str
+  train: list[Record]
+  query: list[Record]
+  gallery: list[Record]
+
+  @property
+  def num_train_ids(self) -> int:
+    return len({r.pid for r in self.train})
+
+  @property
+  def num_cameras(self) -> int:
+    return 1 + max(r.camera for r in self.train + self.query + self.gallery)
+
+  def has_time(self) -> bool:
+    return not any(math.isnan(r.time) for r in self.query + self.gallery)
+
+
+class DatasetError(ValueError):
+  """A dataset folder that does not have the expected layout or names."""
+
+
+def _layout(name: str) -> str:
+  if name == "msmt17":
+    return ("<root>/train/, <root>/test/ and list_train.txt, list_val.txt, list_query.txt, "
+            "list_gallery.txt (lines 'relative/path.jpg pid')")
+  ext = "png" if name.startswith("cuhk03") else "jpg"
+  return (f"<root>/bounding_box_train/, <root>/bounding_box_test/, <root>/query/ holding "
+          f"*.{ext} images")
+
+
+def _list_images(folder: str, ext: str, name: str) -> list[str]:
+  if not os.path.isdir(folder):
+    raise DatasetError(f"{name}: missing folder {folder}; expected {_layout(name)}.")
+  files = sorted(f for f in os.listdir(folder) if f.lower().endswith(ext))
+  if not files:
+    raise DatasetError(f"{name}: no *{ext} images in {folder}; expected {_layout(name)}.")
+  return files
+
+
+def _match(pattern: re.Pattern, filename: str, folder: str, example: str) -> re.Match:
+  m = pattern.match(filename)
+  if m is None:
+    raise DatasetError(f"cannot parse image name {os.path.join(folder, filename)}: expected "
+                       f"names like {example}.")
+  return m
+
+
+def _relabel(train: list[Record]) -> list[Record]:
+  labels = {pid: i for i, pid in enumerate(sorted({r.pid for r in train}))}
+  return [dataclasses.replace(r, pid=labels[r.pid]) for r in train]
+
+
+def _market(root: str) -> dict[str, list[Record]]:
+  parsed = {}
+  for split, sub in SPLIT_DIRS.items():
+    folder = os.path.join(root, sub)
+    rows = []
+    for f in _list_images(folder, ".jpg", "market1501"):
+      m = _match(_MARKET, f, folder, "0002_c1s1_000451_03.jpg")
+      pid, cam, session, frame = (int(m.group(i)) for i in range(1, 5))
+      if pid != -1:
+        rows.append((os.path.join(folder, f), pid, cam, session, frame))
+    parsed[split] = rows
+  # Offsets from all three splits together, as the official code does.
+  offsets = timestamps.market_session_offsets(
+      (cam, session, frame) for rows in parsed.values() for _, _, cam, session, frame in rows)
+  return {split: [Record(path, pid, cam - 1, timestamps.market_time(cam, session, frame, offsets))
+                  for path, pid, cam, session, frame in rows]
+          for split, rows in parsed.items()}
+
+
+def _folder_splits(root: str, name: str, pattern: re.Pattern, ext: str, example: str,
+                   time_fn: Callable[[re.Match], float]) -> dict[str, list[Record]]:
+  out = {}
+  for split, sub in SPLIT_DIRS.items():
+    folder = os.path.join(root, sub)
+    records = []
+    for f in _list_images(folder, ext, name):
+      m = _match(pattern, f, folder, example)
+      pid, cam = int(m.group(1)), int(m.group(2))
+      if pid != -1:
+        records.append(Record(os.path.join(folder, f), pid, cam - 1, time_fn(m)))
+    out[split] = records
+  return out
+
+
+def _duke(root: str) -> dict[str, list[Record]]:
+  return _folder_splits(root, "dukemtmc", _DUKE, ".jpg", "0001_c2_f0046182.jpg",
+                        lambda m: timestamps.duke_time(int(m.group(2)), int(m.group(3))))
+
+
+def _cuhk03(name: str) -> Callable[[str], dict[str, list[Record]]]:
+  return lambda root: _folder_splits(root, name, _CUHK03, ".png", "0001_c1_1.png",
+                                     lambda m: math.nan)
+
+
+def _msmt17(root: str) -> dict[str, list[Record]]:
+  out = {}
+  for split, lists in MSMT_LISTS.items():
+    folder = os.path.join(root, "train" if split == "train" else "test")
+    if not os.path.isdir(folder):
+      raise DatasetError(f"msmt17: missing folder {folder}; expected {_layout('msmt17')}.")
+    records = []
+    for list_name in lists:
+      list_path = os.path.join(root, list_name)
+      if not os.path.isfile(list_path):
+        raise DatasetError(f"msmt17: missing list {list_path}; expected {_layout('msmt17')}.")
+      with open(list_path) as f:
+        for line_no, line in enumerate(f, 1):
+          if not line.strip():
+            continue
+          parts = line.split()
+          fields = os.path.basename(parts[0]).split("_")
+          if len(parts) != 2 or len(fields) < 3 or not fields[2].isdigit() or \
+              not parts[1].lstrip("-").isdigit():
+            raise DatasetError(f"{list_path}:{line_no}: cannot parse {line.strip()!r}; expected "
+                               "'0000/0000_000_01_0303morning_0015_0.jpg 0'.")
+          records.append(Record(os.path.join(folder, parts[0]), int(parts[1]),
+                                int(fields[2]) - 1, math.nan))
+    if not records:
+      raise DatasetError(f"msmt17: the {split} lists {lists} are empty.")
+    out[split] = records
+  return out
+
+
+LOADERS: dict[str, Callable[[str], dict[str, list[Record]]]] = {
+    "market1501": _market,
+    "dukemtmc": _duke,
+    "msmt17": _msmt17,
+    "cuhk03_detected": _cuhk03("cuhk03_detected"),
+    "cuhk03_labeled": _cuhk03("cuhk03_labeled"),
+}
+
+
+def load_dataset(name: str, root: str) -> ReidDataset:
+  """Parses the dataset ``name`` (one of ``LOADERS``) in its own folder ``root``."""
+  if name not in LOADERS:
+    raise DatasetError(f"unknown dataset {name!r}; expected one of {sorted(LOADERS)}.")
+  if not os.path.isdir(root):
+    raise DatasetError(f"{name}: dataset folder {root} does not exist; expected {_layout(name)}.")
+  splits = LOADERS[name](root)
+  for split, records in splits.items():
+    if not records:
+      raise DatasetError(f"{name}: the {split} split in {root} holds no usable image "
+                         f"(all junk?); expected {_layout(name)}.")
+  return ReidDataset(name, root, _relabel(splits["train"]), splits["query"], splits["gallery"])
