@@ -23,6 +23,7 @@ demo: install
 
 bench: install
 	$(PY) bench/bench_matching.py
+	$(PY) bench/bench_input.py
 
 clean:
 	rm -rf $(VENV) .cache build *.egg-info

@@ -36,8 +36,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       lr_multipliers=(("^backbone/", 0.1),),
   ))
   c.data = ml_collections.ConfigDict(dict(
+      dataset="market1501",   # parser / TFDS builder name (qaconv_jax.data.datasets.LOADERS)
+      root="",                # the dataset's own folder (raw layout) ...
+      tfds_dir="",            # ... or a TFDS data_dir prepared by qaconv_jax.data.prepare
       image_size=(384, 128),
-      batch_size=32,
+      batch_size=32,          # global, over all hosts and devices
+      sampler="shuffle",      # "shuffle" (v1.0: shuffled epochs) or "pk" (P x K identities)
+      pk_k=4,                 # K images per identity when sampler == "pk"
+      augment="v1.0",         # "v1.0" flip + occlusion; "v1.2" adds crop/rotate/jitter; "none"
   ))
   c.num_epochs = 60
 

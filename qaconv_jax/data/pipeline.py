@@ -1,0 +1,176 @@
+"""grain input pipeline: sources, deterministic sample orders, train and eval batches.
+
+A training stream is ``order -> host slice -> load + augment -> batch``:
+- the order (shuffled epochs, or identity-balanced P x K) is a lazy sequence of dataset
+  indices that depends only on ``(seed, epoch)``; consecutive ``global_batch`` entries form
+  one global batch;
+- each host reads only its slice of every global batch (``host``, ``num_hosts``);
+- augmentation randomness is drawn from ``(seed, global position)``, so a batch is the same
+  whatever the number of hosts, and grain's iterator state (a position) resumes exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Sequence
+
+import grain
+import numpy as np
+
+from qaconv_jax.data.augment import augment, decode
+
+
+class FolderSource:
+  """Random access to ``Record``s of a raw dataset folder (images read as bytes)."""
+
+  def __init__(self, records: Sequence[Any]):
+    self.records = list(records)
+    self.pids = np.array([r.pid for r in self.records], np.int64)
+    self.cameras = np.array([r.camera for r in self.records], np.int64)
+    self.times = np.array([r.time for r in self.records], np.float64)
+
+  def __len__(self) -> int:
+    return len(self.records)
+
+  def __getitem__(self, i: int) -> dict:
+    r = self.records[i]
+    try:
+      with open(r.path, "rb") as f:
+        data = f.read()
+    except OSError as e:
+      raise FileNotFoundError(f"cannot read image {r.path}: {e}") from None
+    return {"image": data, "pid": r.pid, "camera": r.camera, "time": r.time, "where": r.path}
+
+
+class EpochOrder:
+  """Every index once per epoch in a fresh permutation of ``(seed, epoch)``; the tail that
+  does not fill a global batch is dropped."""
+
+  def __init__(self, num_items: int, global_batch: int, num_epochs: int, seed: int):
+    if num_items < global_batch:
+      raise ValueError(f"{num_items} images cannot fill one batch of {global_batch}.")
+    self.n, self.epoch_len = num_items, (num_items // global_batch) * global_batch
+    self.num_epochs, self.seed = num_epochs, seed
+    self._cache: tuple[int, np.ndarray] | None = None
+
+  def epoch(self, e: int) -> np.ndarray:
+    if self._cache is None or self._cache[0] != e:
+      self._cache = (e, np.random.default_rng([self.seed, e]).permutation(self.n)[:self.epoch_len])
+    return self._cache[1]
+
+  def __len__(self) -> int:
+    return self.epoch_len * self.num_epochs
+
+  def __getitem__(self, i: int) -> int:
+    return int(self.epoch(i // self.epoch_len)[i % self.epoch_len])
+
+
+class PKOrder(EpochOrder):
+  """Identity-balanced batches: P identities x K images each. Per epoch every identity is
+  drawn once (in a permutation of ``(seed, epoch)``), with K of its images (without
+  replacement when it has K, else with); identities that do not fill P are dropped."""
+
+  def __init__(self, pids: np.ndarray, p: int, k: int, num_epochs: int, seed: int):
+    self.by_id = [np.flatnonzero(pids == pid) for pid in np.unique(pids)]
+    if len(self.by_id) < p:
+      raise ValueError(f"P x K sampling needs at least P={p} identities, found {len(self.by_id)}.")
+    self.p, self.k = p, k
+    self.epoch_len = (len(self.by_id) // p) * p * k
+    self.num_epochs, self.seed = num_epochs, seed
+    self._cache = None
+
+  def epoch(self, e: int) -> np.ndarray:
+    if self._cache is None or self._cache[0] != e:
+      rng = np.random.default_rng([self.seed, e, 1])
+      ids = rng.permutation(len(self.by_id))[:self.epoch_len // self.k]
+      order = [rng.choice(self.by_id[i], self.k, replace=len(self.by_id[i]) < self.k) for i in ids]
+      self._cache = (e, np.concatenate(order))
+    return self._cache[1]
+
+
+class HostSlice:
+  """``(global position, dataset index)`` of this host's share of every global batch."""
+
+  def __init__(self, order: EpochOrder, global_batch: int, host: int, num_hosts: int):
+    if global_batch % num_hosts:
+      raise ValueError(f"global batch {global_batch} must divide over {num_hosts} hosts.")
+    self.order, self.global_batch, self.local = order, global_batch, global_batch // num_hosts
+    self.host = host
+
+  def __len__(self) -> int:
+    return len(self.order) // self.global_batch * self.local
+
+  def __getitem__(self, i: int) -> tuple[int, int]:
+    pos = (i // self.local) * self.global_batch + self.host * self.local + i % self.local
+    return pos, self.order[pos]
+
+
+def _stack(elements: Sequence[dict]) -> dict:
+  return {k: np.stack([e[k] for e in elements]) for k in elements[0]}
+
+
+def train_dataset(source, cfg, *, seed: int, num_epochs: int, host: int = 0,
+                  num_hosts: int = 1) -> grain.MapDataset:
+  """Batches ``{"image": [b, H, W, 3] float32 in [0, 1], "label": [b] int32, "camera"}``.
+
+  ``cfg`` is ``config.data``: ``image_size``, ``batch_size`` (global), ``sampler``
+  ("shuffle" or "pk"), ``pk_k`` (K; P = batch_size / K), ``augment``.
+  """
+  size = tuple(cfg.image_size)
+  if cfg.sampler == "pk":
+    if cfg.batch_size % cfg.pk_k:
+      raise ValueError(f"batch_size {cfg.batch_size} is not a multiple of pk_k {cfg.pk_k}.")
+    order = PKOrder(source.pids, cfg.batch_size // cfg.pk_k, cfg.pk_k, num_epochs, seed)
+  elif cfg.sampler == "shuffle":
+    order = EpochOrder(len(source), cfg.batch_size, num_epochs, seed)
+  else:
+    raise ValueError(f"data.sampler must be 'shuffle' or 'pk', got {cfg.sampler!r}.")
+
+  def load(item):
+    pos, idx = item
+    ex = source[idx]
+    rng = np.random.default_rng([seed, pos, 2])
+    img = augment(decode(ex["image"], ex["where"]), size, cfg.augment, rng)
+    return {"image": img.astype(np.float32) / 255.0, "label": np.int32(ex["pid"]),
+            "camera": np.int32(ex["camera"])}
+  local = cfg.batch_size // num_hosts
+  return (grain.MapDataset.source(HostSlice(order, cfg.batch_size, host, num_hosts))
+          .map(load).batch(local, drop_remainder=True, batch_fn=_stack))
+
+
+def steps_per_epoch(source, cfg) -> int:
+  if cfg.sampler == "pk":
+    return len(np.unique(source.pids)) // (cfg.batch_size // cfg.pk_k)
+  return len(source) // cfg.batch_size
+
+
+def iterate(ds: grain.MapDataset, num_threads: int = 0) -> grain.DatasetIterator:
+  """Checkpointable iterator (``get_state``/``set_state``); threads decode in parallel."""
+  opts = grain.ReadOptions(num_threads=num_threads or min(8, os.cpu_count() or 1),
+                           prefetch_buffer_size=2 * (num_threads or 2))
+  return iter(ds.to_iter_dataset(read_options=opts))
+
+
+def eval_batches(source, image_size: tuple[int, int], batch_size: int, host: int = 0,
+                 num_hosts: int = 1):
+  """Fixed-shape evaluation batches of this host's contiguous share of ``source``.
+
+  Yields ``{"image": [B, H, W, 3] float32, "index": [B] int32, "mask": [B] bool}``; the last
+  batch is padded with zero images whose mask is False, so one compilation serves all.
+  """
+  n = len(source)
+  share = math.ceil(n / num_hosts)
+  indices = np.arange(host * share, min(n, (host + 1) * share))
+
+  def load(i):
+    ex = source[int(i)]
+    img = augment(decode(ex["image"], ex["where"]), image_size, "none", None)
+    return {"image": img.astype(np.float32) / 255.0, "index": np.int32(i), "mask": np.bool_(True)}
+  ds = grain.MapDataset.source(indices).map(load).batch(batch_size, batch_fn=_stack)
+  for batch in iterate(ds):
+    pad = batch_size - len(batch["index"])
+    if pad:
+      batch = {k: np.concatenate([v, np.zeros((pad, *v.shape[1:]), v.dtype)])
+               for k, v in batch.items()}
+    yield batch
