@@ -171,6 +171,21 @@ def test_tfds_prepare_and_read_back_without_tensorflow(tmp_path, tree):
   assert "tensorflow" not in sys.modules
 
 
+def test_open_source_from_config(tmp_path, tree):
+  from qaconv_jax.data.pipeline import open_source
+  from qaconv_jax.data.tfds_builders import prepare
+  cfg = ml_collections.ConfigDict(dict(dataset="market1501", root=tree, tfds_dir=""))
+  raw = open_source(cfg, "query")
+  prepare("market1501", tree, str(tmp_path))
+  cfg.tfds_dir = str(tmp_path)
+  prepared = open_source(cfg, "query")
+  assert len(raw) == len(prepared) > 0
+  assert sorted(raw.pids.tolist()) == sorted(prepared.pids.tolist())
+  with pytest.raises(ValueError, match="set config.data.root"):
+    open_source(ml_collections.ConfigDict(dict(dataset="market1501", root="", tfds_dir="")),
+                "train")
+
+
 def test_tfds_unprepared_dir_says_how_to_prepare(tmp_path):
   from qaconv_jax.data.tfds_builders import TfdsSource
   with pytest.raises(FileNotFoundError, match="qaconv_jax.data.prepare --dataset market1501"):

@@ -19,6 +19,7 @@ import grain
 import numpy as np
 
 from qaconv_jax.data.augment import augment, decode
+from qaconv_jax.data.datasets import load_dataset
 
 
 class FolderSource:
@@ -41,6 +42,18 @@ class FolderSource:
     except OSError as e:
       raise FileNotFoundError(f"cannot read image {r.path}: {e}") from None
     return {"image": data, "pid": r.pid, "camera": r.camera, "time": r.time, "where": r.path}
+
+
+def open_source(cfg, split: str):
+  """``config.data`` -> the ``split`` ("train", "query" or "gallery") as a random-access source:
+  a prepared TFDS dataset when ``cfg.tfds_dir`` is set, else the raw folder ``cfg.root``."""
+  if cfg.tfds_dir:
+    from qaconv_jax.data.tfds_builders import TfdsSource  # tfds only when asked for
+    return TfdsSource(cfg.dataset, split, cfg.tfds_dir)
+  if cfg.root:
+    return FolderSource(getattr(load_dataset(cfg.dataset, cfg.root), split))
+  raise ValueError("no data: set config.data.root (the dataset's folder) or "
+                   "config.data.tfds_dir (prepared with python -m qaconv_jax.data.prepare).")
 
 
 class EpochOrder:
