@@ -1,0 +1,1 @@
+"""Evaluation: ranking metrics, k-reciprocal re-ranking, TLift, QAConv scoring."""
