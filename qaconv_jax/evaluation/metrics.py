@@ -13,7 +13,7 @@ import os
 import numpy as np
 
 
-def _sort_keys(dist: np.ndarray) -> np.ndarray:
+def sort_keys(dist: np.ndarray) -> np.ndarray:
   """``[q, G]`` float32 -> uint64 keys whose plain sort is (distance, gallery index) order.
 
   The float bits are mapped to an order-preserving uint32 (flip all bits of negatives, the
@@ -47,7 +47,7 @@ def _check(dist, query_pids, gallery_pids, query_cams, gallery_cams):
 def _rank_chunk(dist, rows, qp, qc, gp, gc, ap_mode):
   """First-hit rank, AP and INP of the queries ``rows`` (-1 / NaN where no valid positive)."""
   g = dist.shape[1]
-  order = (np.sort(_sort_keys(dist[rows]), axis=1) & np.uint64(0xFFFFFFFF)).astype(np.int64)
+  order = (np.sort(sort_keys(dist[rows]), axis=1) & np.uint64(0xFFFFFFFF)).astype(np.int64)
   # Only same-pid items matter from here on: ~G/ids per query instead of G.
   r, c = np.nonzero(gp[order] == qp[rows, None])  # row-major: c ascending within a row
   removed = gc[order[r, c]] == qc[rows[r]]  # same pid AND same camera: not ranked
