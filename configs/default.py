@@ -47,10 +47,33 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   ))
   c.num_epochs = 60
 
+  def source(dataset="market1501", domain="", ids=0):
+    # A test set: a raw folder (root), a prepared TFDS dir (tfds_dir), or synthetic data
+    # generated on first use under <workdir>/data/ (synthetic_domain, synthetic_ids).
+    return dict(dataset=dataset, root="", tfds_dir="", synthetic_domain=domain,
+                synthetic_ids=ids)
+  c.eval = ml_collections.ConfigDict(dict(
+      testsets="market1501",  # comma-separated keys of eval.sources
+      sources=ml_collections.ConfigDict(dict(
+          market1501=source("market1501"), dukemtmc=source("dukemtmc"),
+          msmt17=source("msmt17"), cuhk03_detected=source("cuhk03_detected"),
+          cuhk03_labeled=source("cuhk03_labeled"),
+          synthetic_a=source(domain="a", ids=500), synthetic_b=source(domain="b", ids=500),
+      )),
+      batch_size=64,
+      memory_budget_gb=2.0,   # working set of one probe x gallery scoring block
+      rerank=True, k1=20, k2=6, lambda_value=0.3,
+      tlift=True, tau=100.0, sigma=200.0, tlift_k=10, alpha=0.2,
+      ap_mode="step",         # "step" or "trapezoid" (v1.0)
+      topk=10,                # per-query ranked lists written to <workdir>/eval/
+  ))
+
   if arg == "tiny":
     c.model.update(depth=18, width=16, neck_dim=32)
     c.data.update(image_size=(64, 32), batch_size=16)
     c.optim.update(lr=0.1, lr_multipliers=(("^backbone/", 0.5),))
+    c.eval.update(testsets="synthetic_b", batch_size=32, memory_budget_gb=0.05)
+    c.eval.sources.synthetic_b.synthetic_ids = 40
   elif arg not in (None, ""):
     raise ValueError(f"unknown config variant {arg!r}; expected '' or 'tiny'.")
   return c

@@ -30,6 +30,7 @@ class FolderSource:
     self.pids = np.array([r.pid for r in self.records], np.int64)
     self.cameras = np.array([r.camera for r in self.records], np.int64)
     self.times = np.array([r.time for r in self.records], np.float64)
+    self.names = [r.path for r in self.records]
 
   def __len__(self) -> int:
     return len(self.records)
@@ -54,6 +55,23 @@ def open_source(cfg, split: str):
     return FolderSource(getattr(load_dataset(cfg.dataset, cfg.root), split))
   raise ValueError("no data: set config.data.root (the dataset's folder) or "
                    "config.data.tfds_dir (prepared with python -m qaconv_jax.data.prepare).")
+
+
+def materialize_synthetic(cfg, data_root: str):
+  """A source config with ``synthetic_domain`` and no root/tfds_dir -> the same config with
+  ``root`` set to a synthetic tree under ``data_root`` (written on first use)."""
+  if not cfg.get("synthetic_domain") or cfg.root or cfg.tfds_dir:
+    return cfg
+  from qaconv_jax.data.synthetic import write_market_tree
+  root = os.path.join(data_root, f"synthetic_{cfg.synthetic_domain}_{cfg.synthetic_ids}")
+  done = os.path.join(root, ".complete")
+  if not os.path.exists(done):
+    write_market_tree(root, cfg.synthetic_domain, cfg.synthetic_ids, seed=0)
+    open(done, "w").close()
+  cfg = cfg.copy_and_resolve_references()
+  with cfg.unlocked():
+    cfg.root = root
+  return cfg
 
 
 class EpochOrder:

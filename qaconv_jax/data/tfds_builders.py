@@ -100,6 +100,8 @@ class TfdsSource:
     self.pids = np.array([m["pid"] for m in meta], np.int64)
     self.cameras = np.array([m["camera"] for m in meta], np.int64)
     self.times = np.array([m["time"] for m in meta], np.float64)
+    self.names = [m["filename"].decode() if isinstance(m["filename"], bytes) else m["filename"]
+                  for m in meta]
 
   def __len__(self) -> int:
     return len(self.source)

@@ -1,0 +1,74 @@
+"""Orbax checkpoints of the train state, with the model config beside them.
+
+Layout: ``<workdir>/checkpoints/<step>/{state, meta}``; ``meta`` is JSON holding the model
+config and the number of classes, so a checkpoint can be restored without building a
+template and a checkpoint from another model is refused by name.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from flax import serialization
+
+
+class CheckpointMismatch(ValueError):
+  """A checkpoint written for a different model or config."""
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def manager(workdir: str, max_to_keep: int | None = 3) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(
+      checkpoint_dir(workdir),
+      options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None:
+  """Saves ``state`` (a pytree, e.g. the TrainState) and JSON ``meta`` at ``step``; Orbax
+  writes to a temporary folder and renames it, so a crash never leaves a half checkpoint."""
+  mngr.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(serialization.to_state_dict(state)),
+      meta=ocp.args.JsonSave(meta)))
+
+
+def restore_latest(workdir: str, step: int | None = None,
+                   target: Any = None) -> tuple[int, Any, dict]:
+  """``(step, state, meta)`` of the latest (or the given) checkpoint under ``workdir``.
+
+  Without ``target`` the state comes back as nested dicts of arrays (enough to evaluate);
+  with a TrainState ``target`` it is restored into that structure and its shardings.
+  """
+  mngr = manager(workdir, max_to_keep=None)
+  steps = mngr.all_steps()
+  if not steps:
+    raise FileNotFoundError(f"no checkpoint under {checkpoint_dir(workdir)}.")
+  if step is None:
+    step = mngr.latest_step()
+  elif step not in steps:
+    raise FileNotFoundError(f"no checkpoint for step {step} under {checkpoint_dir(workdir)}; "
+                            f"available: {sorted(steps)}.")
+  meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  if target is None:
+    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    return step, restored["state"], meta
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, serialization.to_state_dict(target))
+  restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+  return step, serialization.from_state_dict(target, restored["state"]), meta
+
+
+def check_model_config(meta: dict, model_cfg: dict) -> None:
+  """Raises ``CheckpointMismatch`` naming every model setting that differs."""
+  saved = meta.get("model", {})
+  keys = sorted(set(saved) | set(model_cfg))
+  norm = lambda v: list(v) if isinstance(v, tuple) else v
+  diff = [f"{k}: checkpoint {saved.get(k)!r} vs config {model_cfg.get(k)!r}"
+          for k in keys if norm(saved.get(k)) != norm(model_cfg.get(k))]
+  if diff:
+    raise CheckpointMismatch("the checkpoint was written for a different model: " +
+                             "; ".join(diff))

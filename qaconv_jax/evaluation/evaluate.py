@@ -1,0 +1,96 @@
+"""Evaluate a trained checkpoint on the configured test sets (what eval.py runs)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+
+from qaconv_jax import checkpoint
+from qaconv_jax.data.augment import augment, decode
+from qaconv_jax.data.pipeline import materialize_synthetic, open_source
+from qaconv_jax.evaluation.run import evaluate_testset
+from qaconv_jax.models.model import QAConvModel, build_model
+from qaconv_jax.models.qaconv import match_maxima_with_indices
+from qaconv_jax.visualize import correspondences, ranking_strip
+
+
+def model_fns(model: QAConvModel, variables: dict):
+  """Jitted ``embed(images)`` and ``match(probe, gallery)`` with the variables passed as
+  arguments (as constants, XLA would try to fold the whole network)."""
+  embed = jax.jit(lambda v, x: model.apply(v, x, train=False, method=QAConvModel.embed))
+  match = jax.jit(lambda v, p, g: model.apply(v, p, g, train=False, method=QAConvModel.match))
+  return functools.partial(embed, variables), functools.partial(match, variables)
+
+
+def format_table(rows: list[tuple[str, str, dict]]) -> str:
+  cols = ("rank1", "rank5", "rank10", "rank20", "mAP", "mINP")
+  lines = [f"{'test set':<16} {'method':<17}" + "".join(f"{c:>8}" for c in cols)]
+  for testset, method, r in rows:
+    lines.append(f"{testset:<16} {method:<17}" + "".join(f"{r[c]:8.2f}" for c in cols))
+  return "\n".join(lines)
+
+
+def _image(source, i: int, size) -> np.ndarray:
+  ex = source[i]
+  return augment(decode(ex["image"], ex["where"]), size, "none", None)
+
+
+def _pictures(out_dir, name, query, gallery, result, image_size, n: int) -> None:
+  os.makedirs(out_dir, exist_ok=True)
+  method = list(result["topk"])[-1]  # the best available ranking
+  topk = result["topk"][method]
+  h, w = result["query_maps"].shape[1:3]
+  for q in range(min(n, len(query))):
+    ranked = topk[q]
+    strip = ranking_strip(_image(query, q, image_size),
+                          [_image(gallery, int(g), image_size) for g in ranked],
+                          [bool(gallery.pids[g] == query.pids[q]) for g in ranked])
+    strip.save(os.path.join(out_dir, f"{name}_q{q:04d}_top{len(ranked)}.png"))
+    g = int(ranked[0])
+    maxima, idx = match_maxima_with_indices(result["query_maps"][q:q + 1],
+                                            result["gallery_maps"][g:g + 1])
+    correspondences(_image(query, q, image_size), _image(gallery, g, image_size),
+                    np.asarray(maxima[0, 0]), np.asarray(idx[0, 0]), (h, w)).save(
+                        os.path.join(out_dir, f"{name}_q{q:04d}_matches.png"))
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
+                        step: int | None = None, visualize: int = 0) -> dict:
+  """Restores ``workdir``'s latest (or ``step``) checkpoint, evaluates every test set of
+  ``config.eval.testsets``, prints a table and writes ``<workdir>/eval/``."""
+  step, state, meta = checkpoint.restore_latest(workdir, step)
+  checkpoint.check_model_config(meta, config.model.to_dict())
+  model = build_model(config.model)
+  embed, match = model_fns(model, {"params": state["params"],
+                                   "batch_stats": state["batch_stats"]})
+  image_size = tuple(config.data.image_size)
+  out_dir = os.path.join(workdir, "eval")
+  os.makedirs(out_dir, exist_ok=True)
+  summary, rows = {"step": int(step), "testsets": {}}, []
+  for name in [t.strip() for t in config.eval.testsets.split(",") if t.strip()]:
+    if name not in config.eval.sources:
+      raise ValueError(f"unknown test set {name!r}; config.eval.sources has "
+                       f"{sorted(config.eval.sources)}.")
+    src_cfg = materialize_synthetic(config.eval.sources[name], os.path.join(workdir, "data"))
+    query, gallery = open_source(src_cfg, "query"), open_source(src_cfg, "gallery")
+    result = evaluate_testset(embed, match, query, gallery, config.eval, image_size)
+    summary["testsets"][name] = result["results"]
+    rows += [(name, m, r) for m, r in result["results"].items()]
+    lists = [{"query": query.names[q], "pid": int(query.pids[q]),
+              "camera": int(query.cameras[q]),
+              **{m: [gallery.names[g] for g in t[q]] for m, t in result["topk"].items()}}
+             for q in range(len(query))]
+    with open(os.path.join(out_dir, f"{name}_top{config.eval.topk}.json"), "w") as f:
+      json.dump(lists, f)
+    if visualize:
+      _pictures(os.path.join(out_dir, "pictures"), name, query, gallery, result, image_size,
+                visualize)
+  with open(os.path.join(out_dir, "results.json"), "w") as f:
+    json.dump(summary, f, indent=2)
+  print(f"checkpoint step {step}\n" + format_table(rows))
+  return summary

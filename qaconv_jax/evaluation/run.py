@@ -1,0 +1,71 @@
+"""One test set, end to end: maps -> QAConv distances -> metrics, +RR, +RR+TLift."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+
+from qaconv_jax.evaluation.metrics import evaluate_ranking, sort_keys
+from qaconv_jax.evaluation.rerank import k_reciprocal_rerank
+from qaconv_jax.evaluation.scoring import extract_maps, pairwise_distance
+from qaconv_jax.evaluation.tlift import temporal_lift
+
+RANKS = (1, 5, 10, 20)
+
+
+def summarize(result: dict) -> dict:
+  """Metrics dict -> the numbers we print and save (percent)."""
+  out = {f"rank{r}": 100.0 * float(result["cmc"][r - 1]) for r in RANKS}
+  out.update(mAP=100.0 * result["mAP"], mINP=100.0 * result["mINP"],
+             num_valid_queries=result["num_valid_queries"])
+  return out
+
+
+def top_k_lists(dist: np.ndarray, k: int, chunk: int = 512) -> np.ndarray:
+  """``[P, k]`` gallery indices of each query's k nearest, ties by gallery order (the
+  metrics' order: unique (distance, index) keys, partitioned then sorted)."""
+  k = min(k, dist.shape[1])
+  out = np.empty((dist.shape[0], k), np.int64)
+  for lo in range(0, dist.shape[0], chunk):
+    keys = np.partition(sort_keys(dist[lo:lo + chunk]), k - 1, axis=1)[:, :k]
+    out[lo:lo + chunk] = (np.sort(keys, axis=1) & np.uint64(0xFFFFFFFF)).astype(np.int64)
+  return out
+
+
+def evaluate_testset(embed_fn: Callable, match_fn: Callable, query, gallery, cfg,
+                     image_size: tuple[int, int]) -> dict:
+  """Evaluates one test set.
+
+  Args:
+    embed_fn, match_fn: jitted ``images -> maps`` and ``(probe, gallery) -> logits``.
+    query, gallery: random-access sources (``pids``, ``cameras``, ``times`` arrays).
+    cfg: ``config.eval`` (batch_size, memory_budget_gb, rerank, k1, k2, lambda_value,
+      tlift, tau, sigma, tlift_k, alpha, ap_mode, topk).
+
+  Returns:
+    ``{"results": {"QAConv": {...}, "QAConv+RR": {...}, "QAConv+RR+TLift": {...}},
+    "topk": {method: [P, k]}, "dist": {method: [P, G]}, "query_maps", "gallery_maps"}``;
+    TLift only when every image has a time.
+  """
+  budget = cfg.memory_budget_gb * 2**30
+  q_maps = extract_maps(embed_fn, query, image_size, cfg.batch_size, "query features")
+  g_maps = extract_maps(embed_fn, gallery, image_size, cfg.batch_size, "gallery features")
+  ids = (query.pids, gallery.pids, query.cameras, gallery.cameras)
+  dists = {"QAConv": pairwise_distance(match_fn, q_maps, g_maps, budget, label="query x gallery")}
+  if cfg.rerank:
+    qq = pairwise_distance(match_fn, q_maps, q_maps, budget, label="query x query")
+    gg = pairwise_distance(match_fn, g_maps, g_maps, budget, label="gallery x gallery")
+    dists["QAConv+RR"] = k_reciprocal_rerank(dists["QAConv"], qq, gg, cfg.k1, cfg.k2,
+                                             cfg.lambda_value)
+    has_time = all(math.isfinite(t) for t in np.concatenate([query.times, gallery.times]))
+    if cfg.tlift and has_time:
+      lifted = temporal_lift(1.0 - dists["QAConv+RR"], query.cameras, query.times,
+                             gallery.cameras, gallery.times, cfg.tau, cfg.sigma,
+                             cfg.tlift_k, cfg.alpha)
+      dists["QAConv+RR+TLift"] = 1.0 - np.asarray(lifted)
+  results = {m: summarize(evaluate_ranking(d, *ids, ap_mode=cfg.ap_mode))
+             for m, d in dists.items()}
+  return {"results": results, "topk": {m: top_k_lists(d, cfg.topk) for m, d in dists.items()},
+          "dist": dists, "query_maps": q_maps, "gallery_maps": g_maps}
