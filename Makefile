@@ -24,6 +24,7 @@ demo: install
 bench: install
 	$(PY) bench/bench_matching.py
 	$(PY) bench/bench_input.py
+	$(PY) bench/bench_eval.py
 
 clean:
 	rm -rf $(VENV) .cache build *.egg-info

@@ -37,9 +37,14 @@ def make_inputs(p: int, g: int, seed: int = 0):
   xq = centre[qp] + 0.9 * rng.normal(size=(p, 16)).astype(np.float32)
   xg = centre[gp] + 0.9 * rng.normal(size=(g, 16)).astype(np.float32)
 
-  def dist(a, b):
-    d = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * a @ b.T
-    return np.sqrt(np.maximum(d, 0)) / 8.0
+  def dist(a, b):  # float32, in row chunks: the inputs' peak is their own size
+    out = np.empty((len(a), len(b)), np.float32)
+    bb = (b * b).sum(1)[None, :]
+    for lo in range(0, len(a), 1024):
+      x = a[lo:lo + 1024]
+      d = (x * x).sum(1)[:, None] + bb - 2 * x @ b.T
+      out[lo:lo + 1024] = np.sqrt(np.maximum(d, 0)) / 8.0
+    return out
   return dict(qp=qp, gp=gp, qc=qc, gc=gc, qt=qt, gt=gt, qg=dist(xq, xg), qq=dist(xq, xq),
               gg=dist(xg, xg))
 
