@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import numpy as np
@@ -59,7 +58,7 @@ def evaluate_testset(embed_fn: Callable, match_fn: Callable, query, gallery, cfg
     gg = pairwise_distance(match_fn, g_maps, g_maps, budget, label="gallery x gallery")
     dists["QAConv+RR"] = k_reciprocal_rerank(dists["QAConv"], qq, gg, cfg.k1, cfg.k2,
                                              cfg.lambda_value)
-    has_time = all(math.isfinite(t) for t in np.concatenate([query.times, gallery.times]))
+    has_time = bool(np.isfinite(np.concatenate([query.times, gallery.times])).all())
     if cfg.tlift and has_time:
       lifted = temporal_lift(1.0 - dists["QAConv+RR"], query.cameras, query.times,
                              gallery.cameras, gallery.times, cfg.tau, cfg.sigma,

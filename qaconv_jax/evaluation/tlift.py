@@ -114,8 +114,7 @@ def temporal_lift(score, query_cams, query_times, gallery_cams, gallery_times,
   if p == 0 or g == 0 or k < 1 or tau <= 0:
     raise ValueError(f"need a non-empty score (got {score.shape}), k >= 1 and tau > 0.")
 
-  _, lo, hi = _windows(qc, qt, tau)
-  order = np.lexsort((qt, qc))
+  order, lo, hi = _windows(qc, qt, tau)
   width = int((hi - lo).max())
   pos = np.minimum(lo[:, None] + np.arange(width)[None, :], p - 1)
   rows = order[pos]  # [P, W] original probe indices of each window
