@@ -1,79 +1,22 @@
-"""Default configuration: the paper's v1.0 recipe (SPEC sections 1-4).
+"""The demo: train on synthetic domain a, evaluate on synthetic domain b (no download).
 
-``get_config()`` is the full-size setup (ResNet-50, 384x128, batch 32);
-``get_config("tiny")`` is the small variant the tests and the CPU demo reuse.
+A ResNet-18 at 128x64 that trains in a few minutes on 2 CPU cores. ``:tiny`` is the
+few-second variant the tests reuse.
 """
 
 import ml_collections
 
+from configs.base import paper_config, source, variant
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.seed = 0
-
-  c.model = ml_collections.ConfigDict(dict(
-      depth=50,
-      width=64,               # torchvision's stem width; tiny variants shrink it
-      neck_dim=128,
-      neck_version="v1",      # "v1": conv + BN; "v2.1": conv with bias, no BN
-      head="v1",              # "v1": Dense(2hw -> 1); "v2": shared Dense(hw -> 1), summed
-      input_norm="none",      # official: RGB in [0, 1], no mean/std
-      dtype="float32",        # compute dtype; parameters stay float32
-      match_block=(8, 16),    # (probe, gallery) tile of match_maxima; None = one einsum
-  ))
-  c.loss = ml_collections.ConfigDict(dict(
-      gamma=2.0,
-      all_valid=True,         # v1.0: every memory class counts from step 0
-  ))
-  c.optim = ml_collections.ConfigDict(dict(
-      lr=0.01,
-      schedule="step",
-      decay_epochs=(40,),
-      decay_factor=0.1,
-      momentum=0.9,
-      nesterov=True,
-      weight_decay=5e-4,
-      lr_multipliers=(("^backbone/", 0.1),),
-  ))
-  c.data = ml_collections.ConfigDict(dict(
-      dataset="market1501",   # parser / TFDS builder name (qaconv_jax.data.datasets.LOADERS)
-      root="",                # the dataset's own folder (raw layout) ...
-      tfds_dir="",            # ... or a TFDS data_dir prepared by qaconv_jax.data.prepare
-      image_size=(384, 128),
-      batch_size=32,          # global, over all hosts and devices
-      sampler="shuffle",      # "shuffle" (v1.0: shuffled epochs) or "pk" (P x K identities)
-      pk_k=4,                 # K images per identity when sampler == "pk"
-      augment="v1.0",         # "v1.0" flip + occlusion; "v1.2" adds crop/rotate/jitter; "none"
-  ))
-  c.num_epochs = 60
-
-  def source(dataset="market1501", domain="", ids=0):
-    # A test set: a raw folder (root), a prepared TFDS dir (tfds_dir), or synthetic data
-    # generated on first use under <workdir>/data/ (synthetic_domain, synthetic_ids).
-    return dict(dataset=dataset, root="", tfds_dir="", synthetic_domain=domain,
-                synthetic_ids=ids)
-  c.eval = ml_collections.ConfigDict(dict(
-      testsets="market1501",  # comma-separated keys of eval.sources
-      sources=ml_collections.ConfigDict(dict(
-          market1501=source("market1501"), dukemtmc=source("dukemtmc"),
-          msmt17=source("msmt17"), cuhk03_detected=source("cuhk03_detected"),
-          cuhk03_labeled=source("cuhk03_labeled"),
-          synthetic_a=source(domain="a", ids=500), synthetic_b=source(domain="b", ids=500),
-      )),
-      batch_size=64,
-      memory_budget_gb=2.0,   # working set of one probe x gallery scoring block
-      rerank=True, k1=20, k2=6, lambda_value=0.3,
-      tlift=True, tau=100.0, sigma=200.0, tlift_k=10, alpha=0.2,
-      ap_mode="step",         # "step" or "trapezoid" (v1.0)
-      topk=10,                # per-query ranked lists written to <workdir>/eval/
-  ))
-
-  if arg == "tiny":
-    c.model.update(depth=18, width=16, neck_dim=32)
-    c.data.update(image_size=(64, 32), batch_size=16)
-    c.optim.update(lr=0.1, lr_multipliers=(("^backbone/", 0.5),))
-    c.eval.update(testsets="synthetic_b", batch_size=32, memory_budget_gb=0.05)
-    c.eval.sources.synthetic_b.synthetic_ids = 40
-  elif arg not in (None, ""):
-    raise ValueError(f"unknown config variant {arg!r}; expected '' or 'tiny'.")
-  return c
+  c = paper_config(testsets="synthetic_b", depth=18)
+  c.model.update(width=32, neck_dim=64)
+  c.data.update(**source(domain="a", ids=500), image_size=(128, 64), batch_size=32,
+                sampler="pk", pk_k=4)
+  c.optim.update(lr=0.05, lr_multipliers=(("^backbone/", 0.5),), decay_epochs=(8,))
+  c.num_epochs = 10
+  c.log_every = 25
+  c.checkpoint.update(every=200, keep=2)
+  c.eval.update(batch_size=64, memory_budget_gb=0.5)
+  return variant(c, arg)

@@ -26,7 +26,9 @@ def checkpoint_dir(workdir: str) -> str:
 def manager(workdir: str, max_to_keep: int | None = 3) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(
       checkpoint_dir(workdir),
-      options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+      options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+      item_handlers={"state": ocp.StandardCheckpointHandler(),
+                     "meta": ocp.JsonCheckpointHandler()})
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None:
@@ -37,14 +39,22 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None
       meta=ocp.args.JsonSave(meta)))
 
 
-def restore_latest(workdir: str, step: int | None = None,
-                   target: Any = None) -> tuple[int, Any, dict]:
+def restore_latest(workdir: str, step: int | None = None, target: Any = None,
+                   model_cfg: dict | None = None) -> tuple[int, Any, dict]:
   """``(step, state, meta)`` of the latest (or the given) checkpoint under ``workdir``.
 
   Without ``target`` the state comes back as nested dicts of arrays (enough to evaluate);
   with a TrainState ``target`` it is restored into that structure and its shardings.
+  With ``model_cfg`` the saved model config is checked first (`CheckpointMismatch`).
   """
   mngr = manager(workdir, max_to_keep=None)
+  try:
+    return _restore(mngr, workdir, step, target, model_cfg)
+  finally:
+    mngr.close()
+
+
+def _restore(mngr, workdir, step, target, model_cfg):
   steps = mngr.all_steps()
   if not steps:
     raise FileNotFoundError(f"no checkpoint under {checkpoint_dir(workdir)}.")
@@ -54,8 +64,17 @@ def restore_latest(workdir: str, step: int | None = None,
     raise FileNotFoundError(f"no checkpoint for step {step} under {checkpoint_dir(workdir)}; "
                             f"available: {sorted(steps)}.")
   meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  if model_cfg is not None:
+    check_model_config(meta, model_cfg)
   if target is None:
-    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    # Onto this process's first device, whatever topology wrote it (a pod checkpoint
+    # evaluated on one accelerator).
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    tree = mngr.item_metadata(step)["state"]
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                            tree, is_leaf=lambda m: hasattr(m, "shape"))
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract)))
     return step, restored["state"], meta
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, serialization.to_state_dict(target))
   restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))

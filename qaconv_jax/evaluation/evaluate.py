@@ -63,8 +63,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                         step: int | None = None, visualize: int = 0) -> dict:
   """Restores ``workdir``'s latest (or ``step``) checkpoint, evaluates every test set of
   ``config.eval.testsets``, prints a table and writes ``<workdir>/eval/``."""
-  step, state, meta = checkpoint.restore_latest(workdir, step)
-  checkpoint.check_model_config(meta, config.model.to_dict())
+  step, state, meta = checkpoint.restore_latest(workdir, step, model_cfg=config.model.to_dict())
   model = build_model(config.model)
   embed, match = model_fns(model, {"params": state["params"],
                                    "batch_stats": state["batch_stats"]})
