@@ -25,6 +25,7 @@ bench: install
 	$(PY) bench/bench_matching.py
 	$(PY) bench/bench_input.py
 	$(PY) bench/bench_eval.py
+	$(PY) bench/bench_train.py
 
 clean:
 	rm -rf $(VENV) .cache build *.egg-info

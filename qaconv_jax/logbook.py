@@ -63,6 +63,10 @@ class Logbook:
       print(f"step {step:6d}/{self.total}  epoch {epoch:6.2f}  loss {values['loss']:.4f}  "
             f"acc {values['accuracy']:.3f}  lr {values['lr']:.2e}{speed}", flush=True)
 
+  def restart_clock(self) -> None:
+    """Leave time spent outside training (evaluation) out of the next img/s and ETA."""
+    self.last_time = time.perf_counter()
+
   def close(self) -> None:
     if self.main:
       self.jsonl.close()

@@ -98,6 +98,26 @@ def train_and_evaluate(config, workdir: str) -> dict:
   book = Logbook(workdir, total_steps, per_epoch, data_cfg.batch_size)
   last_good = start
 
+  can_eval = bool(config.eval.testsets) and jax.process_count() == 1
+  best_dir = os.path.join(workdir, "best")
+  best_map = (checkpoint.restore_latest(best_dir)[2].get("mAP", -1.0)
+              if os.path.isdir(checkpoint.checkpoint_dir(best_dir)) else -1.0)
+  results = {}
+
+  def evaluate(step: int) -> None:
+    nonlocal best_map, results
+    from qaconv_jax.evaluation.evaluate import evaluate_variables
+    results = evaluate_variables(config, workdir, {"params": state.params,
+                                                   "batch_stats": state.batch_stats}, step)
+    first = next(iter(results["testsets"].values()))["QAConv"]  # model selection: plain QAConv
+    book.log(step, {"rank1": first["rank1"], "mAP": first["mAP"]}, kind="eval")
+    if first["mAP"] > best_map:
+      best_map = first["mAP"]
+      best = checkpoint.manager(best_dir, max_to_keep=1)
+      checkpoint.save(best, step, state, {**meta, "mAP": best_map})
+      best.wait_until_finished()
+      best.close()
+
   def save(step: int) -> None:
     positions = [batches.get_state()]
     if jax.process_count() > 1:  # every host's iterator position, gathered into one list
@@ -126,18 +146,17 @@ def train_and_evaluate(config, workdir: str) -> dict:
       if is_ckpt:
         save(step)
         last_good = step
+      if can_eval and ((config.eval_every and step % config.eval_every == 0)
+                       or step == total_steps):
+        evaluate(step)
+        book.restart_clock()
   finally:
     mngr.wait_until_finished()
     mngr.close()
     book.close()
 
-  # ---------------------------------------------------------------- evaluate
-  results = {}
-  if step == total_steps and config.eval.testsets and jax.process_count() > 1:
+  if step == total_steps and config.eval.testsets and not can_eval:
     print("multi-process run: evaluate with eval.py on one host.", flush=True)
-  elif step == total_steps and config.eval.testsets:
-    from qaconv_jax.evaluation.evaluate import evaluate_checkpoint
-    results = evaluate_checkpoint(config, workdir)
   return {"step": step, "eval": results}
 
 

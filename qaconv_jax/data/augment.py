@@ -6,6 +6,7 @@ grain derives from (seed, element index), so a batch is a pure function of its i
 - ``"v1.0"``: resize, random horizontal flip, RandomOcclusion (always one white square).
 - ``"v1.2"``: resize, pad 10 + random crop, flip, rotation +-5 deg, colour jitter
   (brightness/contrast/saturation factors in [0.5, 2], hue +-0.1, random order), occlusion.
+- ``"flip"``: resize and random horizontal flip only (short from-scratch runs, the demo).
 - ``"none"``: resize only (evaluation).
 """
 
@@ -16,7 +17,7 @@ import io
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
-AUGMENTATIONS = ("none", "v1.0", "v1.2")
+AUGMENTATIONS = ("none", "flip", "v1.0", "v1.2")
 
 
 class ImageDecodeError(ValueError):
@@ -89,6 +90,8 @@ def augment(img: Image.Image, size: tuple[int, int], kind: str,
     img = _pad_crop(img, rng)
   if rng.random() < 0.5:
     img = img.transpose(Image.FLIP_LEFT_RIGHT)
+  if kind == "flip":
+    return np.asarray(img)
   if kind == "v1.2":
     img = img.rotate(float(rng.uniform(-5.0, 5.0)), resample=Image.BICUBIC)
     img = _colour_jitter(img, rng)

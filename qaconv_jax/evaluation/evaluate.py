@@ -59,14 +59,11 @@ def _pictures(out_dir, name, query, gallery, result, image_size, n: int) -> None
                         os.path.join(out_dir, f"{name}_q{q:04d}_matches.png"))
 
 
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
-                        step: int | None = None, visualize: int = 0) -> dict:
-  """Restores ``workdir``'s latest (or ``step``) checkpoint, evaluates every test set of
-  ``config.eval.testsets``, prints a table and writes ``<workdir>/eval/``."""
-  step, state, meta = checkpoint.restore_latest(workdir, step, model_cfg=config.model.to_dict())
-  model = build_model(config.model)
-  embed, match = model_fns(model, {"params": state["params"],
-                                   "batch_stats": state["batch_stats"]})
+def evaluate_variables(config: ml_collections.ConfigDict, workdir: str, variables: dict,
+                       step: int, visualize: int = 0, quiet: bool = False) -> dict:
+  """Evaluates ``variables`` (params + batch_stats) on every set of ``config.eval.testsets``,
+  prints a table and writes ``<workdir>/eval/``; returns the summary."""
+  embed, match = model_fns(build_model(config.model), variables)
   image_size = tuple(config.data.image_size)
   out_dir = os.path.join(workdir, "eval")
   os.makedirs(out_dir, exist_ok=True)
@@ -91,5 +88,15 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                 visualize)
   with open(os.path.join(out_dir, "results.json"), "w") as f:
     json.dump(summary, f, indent=2)
-  print(f"checkpoint step {step}\n" + format_table(rows))
+  if not quiet:
+    print(f"step {step}\n" + format_table(rows), flush=True)
   return summary
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
+                        step: int | None = None, visualize: int = 0) -> dict:
+  """Restores ``workdir``'s latest (or ``step``) checkpoint and evaluates it."""
+  step, state, _ = checkpoint.restore_latest(workdir, step, model_cfg=config.model.to_dict())
+  return evaluate_variables(config, workdir, {"params": state["params"],
+                                              "batch_stats": state["batch_stats"]},
+                            step, visualize)

@@ -46,6 +46,20 @@ class Neck(nn.Module):
     return l2_normalize(x.astype(jnp.float32))
 
 
+class GapCosine(nn.Module):
+  """The paper's baseline (Table 2): cosine of globally average-pooled, L2-normalised maps,
+  then the same scalar ``logit_bn`` so it trains with the same class-memory loss.
+
+  ``(probe [p,h,w,d], gallery [g,h,w,d], train) -> logits [p, g]``.
+  """
+
+  @nn.compact
+  def __call__(self, probe: jax.Array, gallery: jax.Array, train: bool) -> jax.Array:
+    p = l2_normalize(probe.mean(axis=(1, 2)))  # [p, d]
+    g = l2_normalize(gallery.mean(axis=(1, 2)))  # [g, d]
+    return BatchNorm(scalar=True, name="logit_bn")(p @ g.T, train)
+
+
 class QAConvModel(nn.Module):
   """Backbone + neck + matcher, with submodules ``backbone``, ``neck``, ``qaconv``.
 
@@ -68,7 +82,8 @@ class QAConvModel(nn.Module):
       raise ValueError(f"input_norm must be 'none' or 'imagenet', got {self.input_norm!r}.")
     self.backbone = ResNet(depth=self.depth, width=self.width, dtype=self.dtype)
     self.neck = Neck(dim=self.neck_dim, version=self.neck_version, dtype=self.dtype)
-    self.qaconv = QAConv(head=self.head, block=self.match_block)
+    self.qaconv = (GapCosine() if self.head == "gap" else
+                   QAConv(head=self.head, block=self.match_block))
 
   def embed(self, images: jax.Array, train: bool) -> jax.Array:
     if self.input_norm == "imagenet":
