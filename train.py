@@ -2,8 +2,8 @@
 
   python train.py --config configs/default.py[:tiny] --workdir DIR [--config.KEY=VALUE ...]
 
-Multi-host: pass --coordinator_address HOST:PORT --num_processes N --process_id I (or set
-them in the environment jax.distributed reads) on every host.
+Multi-host: pass --coordinator_address HOST:PORT --num_processes N --process_id I on every
+host, or --distributed alone where jax.distributed finds them itself (Cloud TPU, SLURM, ...).
 """
 
 import jax
@@ -16,12 +16,14 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, logs and results g
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "jax.distributed coordinator.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes (hosts) in the run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False,
+                                 "jax.distributed.initialize() from the environment.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   del argv
-  if _COORDINATOR.value or _NUM_PROCESSES.value:
+  if _COORDINATOR.value or _NUM_PROCESSES.value or _DISTRIBUTED.value:
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value,
                                process_id=_PROCESS_ID.value)

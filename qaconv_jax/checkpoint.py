@@ -40,7 +40,17 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None
 
 
 def restore_latest(workdir: str, step: int | None = None, target: Any = None,
-                   model_cfg: dict | None = None) -> tuple[int, Any, dict]:
+                   model_cfg: dict | None = None) -> tuple[int, Any]:
+  """``(step, state)`` of the latest (or the given) checkpoint under ``workdir``.
+
+  See `restore_with_meta` for the arguments.
+  """
+  step, state, _ = restore_with_meta(workdir, step, target, model_cfg)
+  return step, state
+
+
+def restore_with_meta(workdir: str, step: int | None = None, target: Any = None,
+                      model_cfg: dict | None = None) -> tuple[int, Any, dict]:
   """``(step, state, meta)`` of the latest (or the given) checkpoint under ``workdir``.
 
   Without ``target`` the state comes back as nested dicts of arrays (enough to evaluate);

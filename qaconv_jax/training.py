@@ -71,14 +71,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
   start = 0
   if mngr.latest_step() is not None:
     mngr.close()  # restore through a fresh manager, then reopen for saving
-    start, state, saved = checkpoint.restore_latest(workdir, target=state,
+    start, state, saved = checkpoint.restore_with_meta(workdir, target=state,
                                                     model_cfg=meta["model"])
     mngr = checkpoint.manager(workdir, config.checkpoint.keep)
     batches.set_state(saved["data_iterator"][jax.process_index()])
     state = jax.device_put(state, state_sh)
     print(f"resumed from {checkpoint.checkpoint_dir(workdir)} at step {start}", flush=True)
   elif config.init_from:
-    _, init, _ = checkpoint.restore_latest(config.init_from, model_cfg=meta["model"])
+    _, init = checkpoint.restore_latest(config.init_from, model_cfg=meta["model"])
     state = jax.device_put(state.replace(params=init["params"],
                                          batch_stats=init["batch_stats"]), state_sh)
     print(f"initialised from {config.init_from}", flush=True)
@@ -100,7 +100,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   can_eval = bool(config.eval.testsets) and jax.process_count() == 1
   best_dir = os.path.join(workdir, "best")
-  best_map = (checkpoint.restore_latest(best_dir)[2].get("mAP", -1.0)
+  best_map = (checkpoint.restore_with_meta(best_dir)[2].get("mAP", -1.0)
               if os.path.isdir(checkpoint.checkpoint_dir(best_dir)) else -1.0)
   results = {}
 

@@ -30,7 +30,7 @@ def _cfg(**overrides):
 
 
 def _leaves(workdir):
-  step, state, _ = checkpoint.restore_latest(workdir)
+  step, state = checkpoint.restore_latest(workdir)
   return step, {jax.tree_util.keystr(p): np.asarray(v)
                 for p, v in jax.tree_util.tree_flatten_with_path(state)[0]}
 
@@ -134,3 +134,16 @@ def test_two_processes_match_one_process(four_device_run, tmp_path):
   _, four = _leaves(four_device_run)
   for k in four:  # cross-process (gloo) reductions add in another order: float tolerance
     np.testing.assert_allclose(two[k], four[k], rtol=1e-4, atol=1e-4, err_msg=k)
+
+
+def test_init_from_another_workdir(straight_run, tmp_path):
+  # lr = 0: one step leaves the parameters where init_from put them.
+  train_and_evaluate(_cfg(max_steps=1, init_from=straight_run, **{"optim.lr": 0.0}),
+                     str(tmp_path))
+  _, start = _leaves(straight_run)
+  _, fresh = _leaves(str(tmp_path))
+  params = [k for k in start if k.startswith("['params']")]
+  assert len(params) > 50
+  for k in params:
+    np.testing.assert_array_equal(fresh[k], start[k], err_msg=k)
+  assert checkpoint.restore_latest(str(tmp_path))[0] == 1

@@ -96,7 +96,7 @@ def evaluate_variables(config: ml_collections.ConfigDict, workdir: str, variable
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                         step: int | None = None, visualize: int = 0) -> dict:
   """Restores ``workdir``'s latest (or ``step``) checkpoint and evaluates it."""
-  step, state, _ = checkpoint.restore_latest(workdir, step, model_cfg=config.model.to_dict())
+  step, state = checkpoint.restore_latest(workdir, step, model_cfg=config.model.to_dict())
   return evaluate_variables(config, workdir, {"params": state["params"],
                                               "batch_stats": state["batch_stats"]},
                             step, visualize)
