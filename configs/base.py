@@ -25,8 +25,10 @@ def paper_config(train: str = "market1501", testsets: str = "dukemtmc",
   ))
   c.loss = ml_collections.ConfigDict(dict(gamma=2.0, all_valid=True))  # v1.0: all classes count
   c.optim = ml_collections.ConfigDict(dict(
-      lr=0.01, schedule="step", decay_epochs=(40,), decay_factor=0.1, momentum=0.9,
+      lr=0.01, schedule="step",  # "step" (v1.0), "plateau" (the paper's text) or "constant"
+      decay_epochs=(40,), decay_factor=0.1, momentum=0.9,
       nesterov=True, weight_decay=5e-4, lr_multipliers=(("^backbone/", 0.1),),
+      plateau_patience=10,    # schedule="plateau": epochs without improvement (PyTorch's default)
   ))
   c.data = ml_collections.ConfigDict(dict(
       **source(train),

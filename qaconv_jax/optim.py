@@ -26,13 +26,15 @@ def lr_schedule(cfg: ml_collections.ConfigDict, steps_per_epoch: int) -> Callabl
 
   ``schedule="step"``: ``lr`` multiplied by ``decay_factor`` at each epoch in
   ``decay_epochs`` (v1.0: x0.1 at epoch 40). ``"constant"``: ``lr`` throughout.
+  ``"plateau"``: ``lr`` here; `make_optimizer` scales it down as the loss plateaus.
   """
-  if cfg.schedule == "constant":
+  if cfg.schedule in ("constant", "plateau"):
     return optax.constant_schedule(cfg.lr)
   if cfg.schedule == "step":
     boundaries = {int(e * steps_per_epoch): cfg.decay_factor for e in cfg.decay_epochs}
     return optax.piecewise_constant_schedule(cfg.lr, boundaries)
-  raise ValueError(f"optim.schedule must be 'step' or 'constant', got {cfg.schedule!r}.")
+  raise ValueError("optim.schedule must be 'step', 'constant' or 'plateau', got "
+                   f"{cfg.schedule!r}.")
 
 
 def group_labels(params: Any, multipliers: dict[str, float]) -> Any:
@@ -66,4 +68,20 @@ def make_optimizer(cfg: ml_collections.ConfigDict,
         optax.scale_by_learning_rate(lambda step: factor * base(step)),
     )
   transforms = {"default": sgd(1.0), **{rx: sgd(f) for rx, f in multipliers.items()}}
-  return optax.multi_transform(transforms, lambda p: group_labels(p, multipliers))
+  tx = optax.multi_transform(transforms, lambda p: group_labels(p, multipliers))
+  if cfg.schedule == "plateau":
+    # The paper's ReduceLROnPlateau: x decay_factor when the epoch-mean training loss
+    # (passed as `value` by the train step) has not improved for plateau_patience epochs.
+    tx = optax.chain(tx, optax.contrib.reduce_on_plateau(
+        factor=cfg.decay_factor, patience=cfg.plateau_patience,
+        accumulation_size=steps_per_epoch))
+  return tx
+
+
+def current_lr(cfg: ml_collections.ConfigDict, steps_per_epoch: int, step: int,
+               opt_state) -> float:
+  """The new layers' learning rate in effect at ``step`` (for logs)."""
+  lr = float(lr_schedule(cfg, steps_per_epoch)(step))
+  if cfg.schedule == "plateau":
+    lr *= float(opt_state[1].scale)
+  return lr

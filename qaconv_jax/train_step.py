@@ -45,7 +45,10 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
 
   (loss, (features, logits, batch_stats)), grads = jax.value_and_grad(
       loss_fn, has_aux=True)(state.params)
-  new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  # The loss goes to the optimiser too (`value`), for the ReduceLROnPlateau option.
+  updates, opt_state = state.tx.update(grads, state.opt_state, state.params, value=loss)
+  new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                            opt_state=opt_state, batch_stats=batch_stats)
   class_memory, memory_valid = update_class_memory(
       state.class_memory, state.memory_valid, features, labels)
   new_state = new_state.replace(class_memory=class_memory, memory_valid=memory_valid)

@@ -15,7 +15,7 @@ from qaconv_jax.data.pipeline import (iterate, materialize_synthetic, open_sourc
                                       steps_per_epoch, train_dataset)
 from qaconv_jax.logbook import Logbook, parameter_overview
 from qaconv_jax.models.model import build_model
-from qaconv_jax.optim import lr_schedule, make_optimizer
+from qaconv_jax.optim import current_lr, make_optimizer
 from qaconv_jax.train_state import create_train_state
 from qaconv_jax.train_step import check_finite, train_step
 
@@ -94,7 +94,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
   step_fn = jax.jit(functools.partial(train_step, gamma=config.loss.gamma), donate_argnums=0,
                     in_shardings=(state_sh, batch_sh, None), out_shardings=(state_sh, None))
   rng = jax.random.key(config.seed + 1)
-  lr = lr_schedule(config.optim, per_epoch)
   book = Logbook(workdir, total_steps, per_epoch, data_cfg.batch_size)
   last_good = start
 
@@ -142,7 +141,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
           raise FloatingPointError(
               f"{e} Stopped; the last good checkpoint (step {last_good}) in "
               f"{checkpoint.checkpoint_dir(workdir)} is intact.") from None
-        book.log(step, {**values, "lr": lr(step - 1)})
+        book.log(step, {**values, "lr": current_lr(config.optim, per_epoch, step - 1,
+                                                   state.opt_state)})
       if is_ckpt:
         save(step)
         last_good = step

@@ -10,7 +10,8 @@ from qaconv_jax.optim import group_labels, lr_schedule, make_optimizer
 
 def _cfg(**kw):
   base = dict(lr=0.01, schedule="step", decay_epochs=(1,), decay_factor=0.1, momentum=0.9,
-              nesterov=True, weight_decay=5e-4, lr_multipliers=(("^backbone/", 0.1),))
+              nesterov=True, weight_decay=5e-4, lr_multipliers=(("^backbone/", 0.1),),
+              plateau_patience=2)
   base.update(kw)
   return ml_collections.ConfigDict(base)
 
@@ -62,3 +63,22 @@ def test_schedules():
   assert float(lr_schedule(_cfg(schedule="constant"), 10)(10**6)) == pytest.approx(0.01)
   with pytest.raises(ValueError, match="optim.schedule"):
     lr_schedule(_cfg(schedule="cosine"), 10)
+
+
+def test_plateau_scales_updates_down_when_the_loss_stops_improving():
+  from qaconv_jax.optim import current_lr
+  params = {"neck": {"w": np.ones(3, np.float32)}}
+  cfg = _cfg(schedule="plateau", weight_decay=0.0, momentum=0.0, nesterov=False)
+  tx = make_optimizer(cfg, steps_per_epoch=2)
+  state = tx.init(params)
+  grads = {"neck": {"w": np.ones(3, np.float32)}}
+  lrs, sizes = [], []
+  losses = [5.0, 5.0, 4.0, 4.0] + [4.0] * 8  # improves in epoch 2, then flat
+  for i, loss in enumerate(losses):
+    updates, state = tx.update(grads, state, params, value=np.float32(loss))
+    sizes.append(float(-updates["neck"]["w"][0]))
+    lrs.append(current_lr(cfg, 2, i, state))
+  # Epochs of 2 steps: epoch 2 improves, epochs 3-4 do not (patience 2) -> x0.1 at the end of
+  # epoch 4; two more flat epochs -> x0.1 again (PyTorch's rule with cooldown 0).
+  np.testing.assert_allclose(sizes, [0.01] * 7 + [0.001] * 4 + [0.0001], rtol=1e-5)
+  np.testing.assert_allclose(lrs, sizes, rtol=1e-5)
