@@ -2,8 +2,8 @@
 
 Writes a synthetic Market-format tree, then times the grain pipeline (decode, bicubic
 resize to 384x128, the chosen augmentations, batching) with its reader threads, next to
-the jitted class-memory train step of the default config (ResNet-50, 751-class memory) run
-in the same process. The pipeline must not be the bottleneck.
+the jitted class-memory train step of the market_r50 config (ResNet-50, 751-class memory)
+run in the same process. The pipeline must not be the bottleneck.
 
   python bench/bench_input.py [--augment v1.2] [--batches 20] [--train-batch 8]
 """
@@ -19,19 +19,12 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-
-from common import best_time, machine, table
-from configs.default import get_config
+from bench_train import step_time
+from common import machine, table
+from configs.market_r50 import get_config
 from qaconv_jax.data.datasets import load_dataset
 from qaconv_jax.data.pipeline import FolderSource, iterate, train_dataset
 from qaconv_jax.data.synthetic import write_market_tree
-from qaconv_jax.models.model import build_model
-from qaconv_jax.optim import make_optimizer
-from qaconv_jax.train_state import create_train_state
-from qaconv_jax.train_step import make_train_step
 
 
 def pipeline_rate(source, cfg, batches: int, threads: int) -> float:
@@ -41,22 +34,6 @@ def pipeline_rate(source, cfg, batches: int, threads: int) -> float:
   for _ in range(batches):
     next(it)
   return batches * cfg.batch_size / (time.perf_counter() - t)
-
-
-def train_rate(cfg, batch: int) -> float:
-  model = build_model(cfg.model)
-  state = create_train_state(model, make_optimizer(cfg.optim, 100), jax.random.key(0),
-                             tuple(cfg.data.image_size), 751, cfg.loss)
-  step = make_train_step(cfg.loss)
-  rng = np.random.default_rng(0)
-  b = {"image": jnp.asarray(rng.uniform(size=(batch, *cfg.data.image_size, 3)), jnp.float32),
-       "label": jnp.asarray(rng.integers(0, 751, batch), jnp.int32)}
-  holder = {"state": state}
-
-  def run():
-    holder["state"], m = step(holder["state"], b, jax.random.key(1))
-    jax.block_until_ready(m)
-  return batch / best_time(run, reps=2, warmup=1)
 
 
 def main():
@@ -79,7 +56,8 @@ def main():
       rate = pipeline_rate(source, cfg.data, args.batches, threads)
       rows.append([f"grain pipeline, {args.augment}, {threads} thread(s)", f"{rate:.0f}"])
     if not args.no_train:
-      tr = train_rate(cfg, args.train_batch)
+      best, _, _ = step_time(batch=args.train_batch, steps=2)
+      tr = args.train_batch / best
       rows.append([f"ResNet-50 QAConv train step, batch {args.train_batch}, C=751", f"{tr:.2f}"])
       rows = [r + [f"{float(r[1]) / tr:.0f}x"] for r in rows]
       header = ["stage (384x128)", "images/s", "vs train step"]
