@@ -10,7 +10,6 @@ local devices on a ("data",) mesh), plus the compile time.
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import sys
 import time
@@ -27,7 +26,7 @@ from qaconv_jax import sharding
 from qaconv_jax.models.model import build_model
 from qaconv_jax.optim import make_optimizer
 from qaconv_jax.train_state import create_train_state
-from qaconv_jax.train_step import train_step
+from qaconv_jax.train_step import make_train_step
 
 
 def step_time(batch: int = 32, classes: int = 751, depth: int = 50, dtype: str = "float32",
@@ -46,8 +45,7 @@ def step_time(batch: int = 32, classes: int = 751, depth: int = 50, dtype: str =
   data = sharding.global_batch(
       {"image": rng.uniform(size=(batch, *cfg.data.image_size, 3)).astype(np.float32),
        "label": rng.integers(0, classes, batch).astype(np.int32)}, mesh)
-  step = jax.jit(functools.partial(train_step, gamma=cfg.loss.gamma), donate_argnums=0,
-                 in_shardings=(state_sh, None, None), out_shardings=(state_sh, None))
+  step = make_train_step(cfg.loss, state_sh)
   times = []
   for _ in range(steps + 1):  # the first call compiles
     t = time.perf_counter()

@@ -57,9 +57,15 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
   return new_state, metrics
 
 
-def make_train_step(loss_cfg) -> Callable[..., Any]:
-  """``config.loss`` -> ``jit(train_step)`` that donates the state (argument 0)."""
-  return jax.jit(functools.partial(train_step, gamma=loss_cfg.gamma), donate_argnums=0)
+def make_train_step(loss_cfg, state_sharding=None, batch_sharding=None) -> Callable[..., Any]:
+  """``config.loss`` -> ``jit(train_step)`` that donates the state (argument 0); with
+  shardings, the state keeps ``state_sharding`` across steps and the batch is split by
+  ``batch_sharding``."""
+  step = functools.partial(train_step, gamma=loss_cfg.gamma)
+  if state_sharding is None:
+    return jax.jit(step, donate_argnums=0)
+  return jax.jit(step, donate_argnums=0, in_shardings=(state_sharding, batch_sharding, None),
+                 out_shardings=(state_sharding, None))
 
 
 def check_finite(metrics: Mapping[str, Any], step: int) -> None:

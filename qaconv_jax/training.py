@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import os
-import time
 
 import jax
 import numpy as np
@@ -17,24 +15,7 @@ from qaconv_jax.logbook import Logbook, parameter_overview
 from qaconv_jax.models.model import build_model
 from qaconv_jax.optim import current_lr, make_optimizer
 from qaconv_jax.train_state import create_train_state
-from qaconv_jax.train_step import check_finite, train_step
-
-
-def _wait_for(path: str, timeout: float = 600.0) -> None:
-  start = time.time()
-  while not os.path.exists(path):
-    if time.time() - start > timeout:
-      raise TimeoutError(f"waited {timeout:.0f}s for {path} (written by process 0).")
-    time.sleep(0.5)
-
-
-def _data_config(cfg, workdir: str):
-  """Synthetic sets are written by process 0; the other hosts wait for them."""
-  if jax.process_index() == 0 or not cfg.get("synthetic_domain") or cfg.root or cfg.tfds_dir:
-    return materialize_synthetic(cfg, os.path.join(workdir, "data"))
-  root = os.path.join(workdir, "data", f"synthetic_{cfg.synthetic_domain}_{cfg.synthetic_ids}")
-  _wait_for(os.path.join(root, ".complete"))
-  return materialize_synthetic(cfg, os.path.join(workdir, "data"))
+from qaconv_jax.train_step import check_finite, make_train_step
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -47,7 +28,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   main_process = jax.process_index() == 0
 
   # ---------------------------------------------------------------- data
-  data_cfg = _data_config(config.data, workdir)
+  # Synthetic sets are written by process 0; the other hosts wait for them.
+  data_cfg = materialize_synthetic(config.data, os.path.join(workdir, "data"),
+                                   write=main_process)
   source = open_source(data_cfg, "train")
   num_classes = int(len(np.unique(source.pids)))
   per_epoch = steps_per_epoch(source, data_cfg)
@@ -91,8 +74,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   # ---------------------------------------------------------------- the step
   batch_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-  step_fn = jax.jit(functools.partial(train_step, gamma=config.loss.gamma), donate_argnums=0,
-                    in_shardings=(state_sh, batch_sh, None), out_shardings=(state_sh, None))
+  step_fn = make_train_step(config.loss, state_sh, batch_sh)
   rng = jax.random.key(config.seed + 1)
   book = Logbook(workdir, total_steps, per_epoch, data_cfg.batch_size)
   last_good = start
@@ -120,7 +102,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   def save(step: int) -> None:
     positions = [batches.get_state()]
     if jax.process_count() > 1:  # every host's iterator position, gathered into one list
-      positions = [json.loads(bytes(x).decode()) for x in _allgather_json(positions[0])]
+      positions = _allgather_json(positions[0])
     checkpoint.save(mngr, step, state, {**meta, "data_iterator": positions})
 
   # ---------------------------------------------------------------- loop
@@ -161,13 +143,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
 
 def _allgather_json(obj) -> list:
-  """Every process's JSON-able ``obj`` (as padded uint8 rows) on every process."""
+  """Every process's JSON-able ``obj``, in process order, on every process."""
   from jax.experimental import multihost_utils
   raw = np.frombuffer(json.dumps(obj).encode(), np.uint8)
   size = int(multihost_utils.process_allgather(np.array([raw.size])).max())
   padded = np.zeros(size, np.uint8)
   padded[:raw.size] = raw
   rows = multihost_utils.process_allgather(padded)
-  return [r[r != 0] for r in rows.reshape(jax.process_count(), size)]
+  return [json.loads(bytes(r[r != 0]).decode())  # JSON text holds no zero bytes
+          for r in rows.reshape(jax.process_count(), size)]
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from typing import Any, Sequence
 
 import grain
@@ -57,17 +58,23 @@ def open_source(cfg, split: str):
                    "config.data.tfds_dir (prepared with python -m qaconv_jax.data.prepare).")
 
 
-def materialize_synthetic(cfg, data_root: str):
+def materialize_synthetic(cfg, data_root: str, write: bool = True, timeout: float = 600.0):
   """A source config with ``synthetic_domain`` and no root/tfds_dir -> the same config with
-  ``root`` set to a synthetic tree under ``data_root`` (written on first use)."""
+  ``root`` set to a synthetic tree under ``data_root``, written on first use; with
+  ``write=False`` (the other hosts of a multi-host run) it waits for the writer instead."""
   if not cfg.get("synthetic_domain") or cfg.root or cfg.tfds_dir:
     return cfg
-  from qaconv_jax.data.synthetic import write_market_tree
   root = os.path.join(data_root, f"synthetic_{cfg.synthetic_domain}_{cfg.synthetic_ids}")
   done = os.path.join(root, ".complete")
-  if not os.path.exists(done):
+  if write and not os.path.exists(done):
+    from qaconv_jax.data.synthetic import write_market_tree
     write_market_tree(root, cfg.synthetic_domain, cfg.synthetic_ids, seed=0)
     open(done, "w").close()
+  start = time.time()
+  while not os.path.exists(done):
+    if time.time() - start > timeout:
+      raise TimeoutError(f"waited {timeout:.0f}s for {done} (written by process 0).")
+    time.sleep(0.5)
   cfg = cfg.copy_and_resolve_references()
   with cfg.unlocked():
     cfg.root = root
@@ -183,6 +190,12 @@ def iterate(ds: grain.MapDataset, num_threads: int = 0) -> grain.DatasetIterator
   return iter(ds.to_iter_dataset(read_options=opts))
 
 
+def eval_image(source, i: int, image_size: tuple[int, int]) -> np.ndarray:
+  """Image ``i`` of ``source`` as evaluation sees it: decoded, resized, uint8 ``[H, W, 3]``."""
+  ex = source[int(i)]
+  return augment(decode(ex["image"], ex["where"]), image_size, "none", None)
+
+
 def eval_batches(source, image_size: tuple[int, int], batch_size: int, host: int = 0,
                  num_hosts: int = 1):
   """Fixed-shape evaluation batches of this host's contiguous share of ``source``.
@@ -195,8 +208,7 @@ def eval_batches(source, image_size: tuple[int, int], batch_size: int, host: int
   indices = np.arange(host * share, min(n, (host + 1) * share))
 
   def load(i):
-    ex = source[int(i)]
-    img = augment(decode(ex["image"], ex["where"]), image_size, "none", None)
+    img = eval_image(source, i, image_size)
     return {"image": img.astype(np.float32) / 255.0, "index": np.int32(i), "mask": np.bool_(True)}
   ds = grain.MapDataset.source(indices).map(load).batch(batch_size, batch_fn=_stack)
   for batch in iterate(ds):

@@ -11,8 +11,7 @@ import ml_collections
 import numpy as np
 
 from qaconv_jax import checkpoint
-from qaconv_jax.data.augment import augment, decode
-from qaconv_jax.data.pipeline import materialize_synthetic, open_source
+from qaconv_jax.data.pipeline import eval_image, materialize_synthetic, open_source
 from qaconv_jax.evaluation.run import evaluate_testset
 from qaconv_jax.models.model import QAConvModel, build_model
 from qaconv_jax.models.qaconv import match_maxima_with_indices
@@ -35,11 +34,6 @@ def format_table(rows: list[tuple[str, str, dict]]) -> str:
   return "\n".join(lines)
 
 
-def _image(source, i: int, size) -> np.ndarray:
-  ex = source[i]
-  return augment(decode(ex["image"], ex["where"]), size, "none", None)
-
-
 def _pictures(out_dir, name, query, gallery, result, image_size, n: int) -> None:
   os.makedirs(out_dir, exist_ok=True)
   method = list(result["topk"])[-1]  # the best available ranking
@@ -47,14 +41,14 @@ def _pictures(out_dir, name, query, gallery, result, image_size, n: int) -> None
   h, w = result["query_maps"].shape[1:3]
   for q in range(min(n, len(query))):
     ranked = topk[q]
-    strip = ranking_strip(_image(query, q, image_size),
-                          [_image(gallery, int(g), image_size) for g in ranked],
+    strip = ranking_strip(eval_image(query, q, image_size),
+                          [eval_image(gallery, int(g), image_size) for g in ranked],
                           [bool(gallery.pids[g] == query.pids[q]) for g in ranked])
     strip.save(os.path.join(out_dir, f"{name}_q{q:04d}_top{len(ranked)}.png"))
     g = int(ranked[0])
     maxima, idx = match_maxima_with_indices(result["query_maps"][q:q + 1],
                                             result["gallery_maps"][g:g + 1])
-    correspondences(_image(query, q, image_size), _image(gallery, g, image_size),
+    correspondences(eval_image(query, q, image_size), eval_image(gallery, g, image_size),
                     np.asarray(maxima[0, 0]), np.asarray(idx[0, 0]), (h, w)).save(
                         os.path.join(out_dir, f"{name}_q{q:04d}_matches.png"))
 
