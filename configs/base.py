@@ -16,6 +16,7 @@ def paper_config(train: str = "market1501", testsets: str = "dukemtmc",
   c.model = ml_collections.ConfigDict(dict(
       depth=depth,
       width=64,               # torchvision's stem width; tiny variants shrink it
+      ibn="",                 # "": plain ResNet; "a" / "b": IBN-Net-a / -b (SPEC 1)
       neck_dim=128,
       neck_version="v1",      # "v1": conv + BN; "v2.1": conv with bias, no BN
       head="v1",              # "v1" Dense(2hw -> 1); "v2" shared Dense(hw -> 1); "gap" baseline
@@ -40,7 +41,8 @@ def paper_config(train: str = "market1501", testsets: str = "dukemtmc",
   ))
   c.num_epochs = 60
   c.max_steps = 0             # stop (checkpointing first) after this global step; 0 = none
-  c.init_from = ""            # a workdir (or converted checkpoint dir) to start from
+  c.init_from = ""            # a workdir, or a dir written by qaconv_jax.convert, to start from
+  c.init_memory = False       # also take init_from's class memory (same training classes)
   c.log_every = 50
   c.eval_every = 0            # steps between evaluations; 0 = at the end only
   c.checkpoint = ml_collections.ConfigDict(dict(every=1000, keep=3))

@@ -12,7 +12,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
-from flax import serialization
+from flax import serialization, traverse_util
 
 
 class CheckpointMismatch(ValueError):
@@ -92,12 +92,73 @@ def _restore(mngr, workdir, step, target, model_cfg):
 
 
 def check_model_config(meta: dict, model_cfg: dict) -> None:
-  """Raises ``CheckpointMismatch`` naming every model setting that differs."""
+  """Raises ``CheckpointMismatch`` naming every model setting that differs.
+
+  Only the settings the checkpoint records are compared: a training checkpoint records all
+  of ``config.model``, a converted PyTorch file only what its weights determine (depth,
+  width, ibn, and for a QAConv checkpoint neck_dim, neck_version, head).
+  """
   saved = meta.get("model", {})
-  keys = sorted(set(saved) | set(model_cfg))
+  keys = sorted(saved)
   norm = lambda v: list(v) if isinstance(v, tuple) else v
   diff = [f"{k}: checkpoint {saved.get(k)!r} vs config {model_cfg.get(k)!r}"
           for k in keys if norm(saved.get(k)) != norm(model_cfg.get(k))]
   if diff:
     raise CheckpointMismatch("the checkpoint was written for a different model: " +
                              "; ".join(diff))
+
+
+def init_from(state: Any, source_dir: str, model_cfg: dict, with_memory: bool = False):
+  """``state`` with the weights of ``source_dir``'s latest checkpoint put in.
+
+  The source may hold the whole model (a training workdir, a converted QAConv checkpoint)
+  or only some of its top-level modules (a converted ImageNet backbone): each module it
+  holds replaces the fresh one and must match it variable for variable; the others keep
+  their initialisation. ``with_memory`` also takes the class memory and its valid flags,
+  which must have the same number of classes and map shape.
+
+  Returns ``(state, lines)``, ``lines`` saying which modules came from where.
+  """
+  _, saved, meta = restore_with_meta(source_dir, model_cfg=model_cfg)
+  params, stats = dict(state.params), dict(state.batch_stats)
+  taken = []
+  for name in saved["params"]:
+    if name not in params:
+      raise CheckpointMismatch(f"{source_dir} holds a module '{name}' this model lacks; "
+                               f"the model has {sorted(params)}.")
+    _check_same(f"params/{name}", saved["params"][name], params[name])
+    params[name] = saved["params"][name]
+    if name in stats or name in saved.get("batch_stats", {}):
+      _check_same(f"batch_stats/{name}", saved["batch_stats"].get(name, {}),
+                  stats.get(name, {}))
+      stats[name] = saved["batch_stats"][name]
+    taken.append(name)
+  lines = [f"initialised {', '.join(taken)} from {source_dir}"]
+  kept = sorted(set(params) - set(taken))
+  if kept:
+    lines.append(f"freshly initialised: {', '.join(kept)}")
+  state = state.replace(params=params, batch_stats=stats)
+  if with_memory:
+    if "class_memory" not in saved:
+      raise CheckpointMismatch(f"init_memory is set but {source_dir} holds no class memory.")
+    memory, valid = saved["class_memory"], saved["memory_valid"]
+    if memory.shape != state.class_memory.shape:
+      raise CheckpointMismatch(f"the class memory of {source_dir} is {list(memory.shape)} "
+                               f"but this run needs {list(state.class_memory.shape)} "
+                               "(classes, h, w, d).")
+    state = state.replace(class_memory=memory, memory_valid=valid.astype(bool))
+    lines.append(f"class memory from {source_dir}: {int(valid.sum())}/{len(valid)} valid")
+  return state, lines
+
+
+def _check_same(where: str, saved: Any, fresh: Any) -> None:
+  """Raises ``CheckpointMismatch`` naming every variable missing, extra or mis-shaped."""
+  flat_saved = traverse_util.flatten_dict(saved, sep="/")
+  flat_fresh = traverse_util.flatten_dict(fresh, sep="/")
+  problems = [f"missing {k}" for k in sorted(set(flat_fresh) - set(flat_saved))]
+  problems += [f"unexpected {k}" for k in sorted(set(flat_saved) - set(flat_fresh))]
+  problems += [f"{k}: checkpoint {list(flat_saved[k].shape)} vs model "
+               f"{list(flat_fresh[k].shape)}" for k in sorted(set(flat_saved) & set(flat_fresh))
+               if tuple(flat_saved[k].shape) != tuple(flat_fresh[k].shape)]
+  if problems:
+    raise CheckpointMismatch(f"{where} does not fit the model: " + "; ".join(problems))

@@ -61,10 +61,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     state = jax.device_put(state, state_sh)
     print(f"resumed from {checkpoint.checkpoint_dir(workdir)} at step {start}", flush=True)
   elif config.init_from:
-    _, init = checkpoint.restore_latest(config.init_from, model_cfg=meta["model"])
-    state = jax.device_put(state.replace(params=init["params"],
-                                         batch_stats=init["batch_stats"]), state_sh)
-    print(f"initialised from {config.init_from}", flush=True)
+    state, lines = checkpoint.init_from(state, config.init_from, meta["model"],
+                                        with_memory=config.init_memory)
+    state = jax.device_put(state, state_sh)
+    print("\n".join(lines), flush=True)
   if main_process:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))

@@ -4,9 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from qaconv_jax.models.model import Neck, QAConvModel, l2_normalize
-from qaconv_jax.models.norm import BatchNorm
+from qaconv_jax.models.norm import IBN, BatchNorm, InstanceNorm
 from qaconv_jax.models.resnet import ResNet, output_channels, torchvision_key
 
 
@@ -102,6 +103,62 @@ def test_resnet_errors():
     ResNet(depth=42).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
   with pytest.raises(ValueError, match=r"\[N, H, W, 3\]"):
     ResNet(depth=18).init(jax.random.key(0), jnp.zeros((1, 3, 32, 32)), train=False)
+  with pytest.raises(ValueError, match="ibn must be one of"):
+    ResNet(depth=18, ibn="c").init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+
+
+def _instance_norm_reference(x, scale, bias, eps=1e-5):
+  """float64 loops over (sample, channel): biased variance over the h x w plane."""
+  x = x.astype(np.float64)
+  y = np.empty_like(x)
+  for n in range(x.shape[0]):
+    for c in range(x.shape[-1]):
+      plane = x[n, :, :, c]
+      y[n, :, :, c] = (plane - plane.mean()) / np.sqrt(plane.var() + eps) * scale[c] + bias[c]
+  return y
+
+
+def test_instance_norm_and_ibn_match_references(rng):
+  x = rng.normal(loc=1.5, scale=2.0, size=(3, 5, 4, 6)).astype(np.float32)
+  scale, bias = rng.uniform(0.5, 1.5, 6), rng.uniform(-0.2, 0.2, 6)
+  params = {"params": {"scale": jnp.asarray(scale, jnp.float32),
+                       "bias": jnp.asarray(bias, jnp.float32)}}
+  y = InstanceNorm().apply(params, x)  # no running statistics: no train/eval mode
+  np.testing.assert_allclose(np.asarray(y), _instance_norm_reference(x, scale, bias), atol=2e-5)
+  # IBN: first c // 2 channels instance-normalised, the rest batch-normalised (eval stats).
+  ibn = IBN()
+  variables = ibn.init(jax.random.key(0), x, train=False)
+  assert variables["params"]["IN"]["scale"].shape == (3,)
+  assert variables["batch_stats"]["BN"]["mean"].shape == (3,)
+  stats = {"mean": jnp.asarray(rng.normal(size=3), jnp.float32),
+           "var": jnp.asarray(rng.uniform(0.5, 2, 3), jnp.float32)}
+  y = np.asarray(ibn.apply({**variables, "batch_stats": {"BN": stats}}, x, train=False))
+  np.testing.assert_allclose(y[..., :3], _instance_norm_reference(x[..., :3], [1] * 3, [0] * 3),
+                             atol=2e-5)
+  ref_bn = (x[..., 3:] - np.asarray(stats["mean"])) / np.sqrt(np.asarray(stats["var"]) + 1e-5)
+  np.testing.assert_allclose(y[..., 3:], ref_bn, atol=2e-5)
+
+
+@pytest.mark.parametrize("ibn, expect", [
+    ("a", {"bn1/scale", "layer1_0/bn1/IN/scale", "layer1_0/bn1/BN/scale",
+           "layer3_1/bn1/IN/scale"}),
+    ("b", {"bn1/scale", "layer1_1/IN/scale", "layer2_1/IN/scale"}),
+])
+def test_ibn_layouts(ibn, expect):
+  """IBN-Net-a: IBN in bn1 of every block of layer1-3; -b: IN stem and an IN after the sum
+  in the last block of layer1 and layer2 (ResNet-18: two blocks per stage)."""
+  variables = jax.eval_shape(lambda: ResNet(depth=18, width=8, ibn=ibn).init(
+      jax.random.key(0), jnp.zeros((1, 64, 32, 3)), train=False))
+  params = set(traverse_util.flatten_dict(variables["params"], sep="/"))
+  stats = set(traverse_util.flatten_dict(variables["batch_stats"], sep="/"))
+  assert expect <= params
+  in_params = {p.rsplit("/", 1)[0] for p in params if p.split("/")[-2] == "IN"}
+  if ibn == "a":
+    assert len(in_params) == 6 and not any(p.startswith("layer4") for p in in_params)
+    assert "bn1/mean" in stats  # the stem keeps its BatchNorm
+  else:
+    assert in_params == {"layer1_1/IN", "layer2_1/IN"}
+    assert "bn1/mean" not in stats  # the stem is an InstanceNorm: no running statistics
 
 
 def test_channel_batchnorm_matches_pytorch_semantics(rng):

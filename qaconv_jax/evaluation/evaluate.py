@@ -91,6 +91,11 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                         step: int | None = None, visualize: int = 0) -> dict:
   """Restores ``workdir``'s latest (or ``step``) checkpoint and evaluates it."""
   step, state = checkpoint.restore_latest(workdir, step, model_cfg=config.model.to_dict())
+  absent = {"neck", "qaconv"} - set(state["params"])
+  if absent:
+    raise checkpoint.CheckpointMismatch(
+        f"{workdir} holds no {' or '.join(sorted(absent))} weights (a converted ImageNet "
+        "backbone?): train from it with config.init_from, then evaluate the training workdir.")
   return evaluate_variables(config, workdir, {"params": state["params"],
                                               "batch_stats": state["batch_stats"]},
                             step, visualize)

@@ -70,6 +70,7 @@ class QAConvModel(nn.Module):
   """
   depth: int = 50
   width: int = 64
+  ibn: str = ""  # "", "a" or "b": IBN-Net backbone variants
   neck_dim: int = 128
   neck_version: str = "v1"
   head: str = "v1"
@@ -80,7 +81,7 @@ class QAConvModel(nn.Module):
   def setup(self):
     if self.input_norm not in ("none", "imagenet"):
       raise ValueError(f"input_norm must be 'none' or 'imagenet', got {self.input_norm!r}.")
-    self.backbone = ResNet(depth=self.depth, width=self.width, dtype=self.dtype)
+    self.backbone = ResNet(depth=self.depth, width=self.width, ibn=self.ibn, dtype=self.dtype)
     self.neck = Neck(dim=self.neck_dim, version=self.neck_version, dtype=self.dtype)
     self.qaconv = (GapCosine() if self.head == "gap" else
                    QAConv(head=self.head, block=self.match_block))
@@ -105,6 +106,6 @@ def build_model(cfg: ml_collections.ConfigDict) -> QAConvModel:
   if cfg.dtype not in dtypes:
     raise ValueError(f"model.dtype must be one of {sorted(dtypes)}, got {cfg.dtype!r}.")
   block = None if cfg.match_block is None else tuple(cfg.match_block)
-  return QAConvModel(depth=cfg.depth, width=cfg.width, neck_dim=cfg.neck_dim,
+  return QAConvModel(depth=cfg.depth, width=cfg.width, ibn=cfg.ibn, neck_dim=cfg.neck_dim,
                      neck_version=cfg.neck_version, head=cfg.head, input_norm=cfg.input_norm,
                      dtype=dtypes[cfg.dtype], match_block=block)

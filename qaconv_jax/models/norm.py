@@ -53,3 +53,41 @@ class BatchNorm(nn.Module):
       mean, var = ra_mean.value, ra_var.value
     y = (x32 - mean) * (scale / jnp.sqrt(var + self.epsilon)) + bias
     return y.astype(self.dtype)
+
+
+class InstanceNorm(nn.Module):
+  """Affine instance normalisation with PyTorch's ``InstanceNorm2d(c, affine=True)``
+  semantics: per sample and channel, over (h, w), biased variance, no running statistics
+  (so train and eval modes agree). Input ``[N, h, w, c]``; parameters ``scale``/``bias [c]``.
+  """
+
+  epsilon: float = 1e-5
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    if x.ndim != 4:
+      raise ValueError(f"InstanceNorm expects [N, h, w, c], got shape {x.shape}.")
+    c = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=(1, 2), keepdims=True)  # [N, 1, 1, c]
+    var = jnp.mean(jnp.square(x32 - mean), axis=(1, 2), keepdims=True)
+    y = (x32 - mean) * (scale / jnp.sqrt(var + self.epsilon)) + bias
+    return y.astype(self.dtype)
+
+
+class IBN(nn.Module):
+  """IBN-Net-a's mixed normalisation: ``InstanceNorm`` (submodule ``IN``) on the first
+  ``c // 2`` channels, ``BatchNorm`` (``BN``) on the rest, as IBN-Net's ``IBN(planes, 0.5)``.
+  """
+
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+    half = x.shape[-1] // 2
+    a = InstanceNorm(dtype=self.dtype, name="IN")(x[..., :half])
+    b = BatchNorm(dtype=self.dtype, name="BN")(x[..., half:], train)
+    return jnp.concatenate([a, b], axis=-1)

@@ -6,6 +6,11 @@ lookup table (`torchvision_key`): ``layer1.0.downsample.1.running_mean`` lives a
 
 QAConv uses the ``layer3`` output (stride 16): ``[N, H/16, W/16, 4*width*4]`` for
 bottleneck nets (1024 channels for ResNet-50 at width 64).
+
+IBN-Net variants (Pan et al. 2018, the layout of IBN-Net's own ``resnet*_ibn_{a,b}``):
+  - "a": ``bn1`` of every block of layer1-3 is an `IBN` (half InstanceNorm, half BatchNorm);
+  - "b": the stem ``bn1`` is an affine InstanceNorm, and the LAST block of layer1 and of
+    layer2 applies an affine InstanceNorm (``IN``) after the residual sum, before the ReLU.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from qaconv_jax.models.init import resnet_conv_init
-from qaconv_jax.models.norm import BatchNorm
+from qaconv_jax.models.norm import IBN, BatchNorm, InstanceNorm
 
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")
@@ -29,6 +34,30 @@ ARCHS = {
     101: ("bottleneck", (3, 4, 23, 3)),
     152: ("bottleneck", (3, 8, 36, 3)),
 }
+IBN_TYPES = ("", "a", "b")
+
+
+def _block_ibn(ibn: str, stage: int, block: int, count: int) -> str:
+  """The IBN kind of one block: "a" in every block of layer1-3, "b" in the last block of
+  layer1-2, "" elsewhere."""
+  if ibn == "a" and stage < 3:
+    return "a"
+  if ibn == "b" and stage < 2 and block == count - 1:
+    return "b"
+  return ""
+
+
+def _first_norm(ibn: str, dtype: Any):
+  """The norm after conv1 of a block: IBN for "a" blocks, BatchNorm otherwise."""
+  return IBN(dtype=dtype, name="bn1") if ibn == "a" else BatchNorm(dtype=dtype, name="bn1")
+
+
+def _output(y, shortcut, ibn: str, dtype: Any):
+  """Residual sum, the IBN-b instance norm (``IN``) where the block has one, ReLU."""
+  y = y + shortcut
+  if ibn == "b":
+    y = InstanceNorm(dtype=dtype, name="IN")(y)
+  return nn.relu(y)
 
 
 def _conv(features: int, kernel: int, stride: int, name: str, dtype: Any) -> nn.Conv:
@@ -43,19 +72,20 @@ class BasicBlock(nn.Module):
   planes: int
   stride: int = 1
   downsample: bool = False
+  ibn: str = ""  # "", "a" or "b": see `_block_ibn`
   dtype: Any = jnp.float32
   expansion = 1
 
   @nn.compact
   def __call__(self, x, train: bool):
     y = _conv(self.planes, 3, self.stride, "conv1", self.dtype)(x)
-    y = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(y, train))
+    y = nn.relu(_first_norm(self.ibn, self.dtype)(y, train))
     y = _conv(self.planes, 3, 1, "conv2", self.dtype)(y)
     y = BatchNorm(dtype=self.dtype, name="bn2")(y, train)
     if self.downsample:
       x = _conv(self.planes, 1, self.stride, "downsample_0", self.dtype)(x)
       x = BatchNorm(dtype=self.dtype, name="downsample_1")(x, train)
-    return nn.relu(y + x)
+    return _output(y, x, self.ibn, self.dtype)
 
 
 class Bottleneck(nn.Module):
@@ -63,13 +93,14 @@ class Bottleneck(nn.Module):
   planes: int
   stride: int = 1
   downsample: bool = False
+  ibn: str = ""  # "", "a" or "b": see `_block_ibn`
   dtype: Any = jnp.float32
   expansion = 4
 
   @nn.compact
   def __call__(self, x, train: bool):
     y = _conv(self.planes, 1, 1, "conv1", self.dtype)(x)
-    y = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(y, train))
+    y = nn.relu(_first_norm(self.ibn, self.dtype)(y, train))
     y = _conv(self.planes, 3, self.stride, "conv2", self.dtype)(y)
     y = nn.relu(BatchNorm(dtype=self.dtype, name="bn2")(y, train))
     y = _conv(self.planes * 4, 1, 1, "conv3", self.dtype)(y)
@@ -77,7 +108,7 @@ class Bottleneck(nn.Module):
     if self.downsample:
       x = _conv(self.planes * 4, 1, self.stride, "downsample_0", self.dtype)(x)
       x = BatchNorm(dtype=self.dtype, name="downsample_1")(x, train)
-    return nn.relu(y + x)
+    return _output(y, x, self.ibn, self.dtype)
 
 
 class ResNet(nn.Module):
@@ -87,6 +118,7 @@ class ResNet(nn.Module):
     depth: 18, 34, 50, 101 or 152.
     final_stage: last stage built; QAConv uses "layer3" (stride 16).
     width: channels of the stem and of layer1's planes (64 in torchvision; tests shrink it).
+    ibn: "" (plain ResNet), "a" or "b" (IBN-Net-a / -b, see the module docstring).
     dtype: compute dtype (float32 or bfloat16); parameters are always float32.
 
   ``__call__(x [N, H, W, 3], train)`` returns the ``final_stage`` map, or with
@@ -95,6 +127,7 @@ class ResNet(nn.Module):
   depth: int = 50
   final_stage: str = "layer3"
   width: int = 64
+  ibn: str = ""
   dtype: Any = jnp.float32
 
   def _check_attributes(self):
@@ -102,6 +135,9 @@ class ResNet(nn.Module):
       raise ValueError(f"ResNet depth must be one of {sorted(ARCHS)}, got {self.depth}.")
     if self.final_stage not in STAGES:
       raise ValueError(f"final_stage must be one of {STAGES}, got {self.final_stage!r}.")
+    if self.ibn not in IBN_TYPES:
+      raise ValueError(f"ibn must be one of {IBN_TYPES} (none, IBN-Net-a, IBN-Net-b), "
+                       f"got {self.ibn!r}.")
 
   @nn.compact
   def __call__(self, x, train: bool, return_stages: bool = False):
@@ -113,7 +149,11 @@ class ResNet(nn.Module):
 
     x = x.astype(self.dtype)
     x = _conv(self.width, 7, 2, "conv1", self.dtype)(x)
-    x = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(x, train))
+    if self.ibn == "b":
+      x = InstanceNorm(dtype=self.dtype, name="bn1")(x)
+    else:
+      x = BatchNorm(dtype=self.dtype, name="bn1")(x, train)
+    x = nn.relu(x)
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     outputs = {"stem": x}
     in_channels = self.width
@@ -123,7 +163,8 @@ class ResNet(nn.Module):
         stride = 2 if (b == 0 and s > 0) else 1
         out_channels = planes * block_cls.expansion
         needs_ds = b == 0 and (stride != 1 or in_channels != out_channels)
-        x = block_cls(planes, stride, needs_ds, self.dtype, name=f"{stage}_{b}")(x, train)
+        x = block_cls(planes, stride, needs_ds, _block_ibn(self.ibn, s, b, count), self.dtype,
+                      name=f"{stage}_{b}")(x, train)
         in_channels = out_channels
       outputs[stage] = x
       if stage == self.final_stage:
