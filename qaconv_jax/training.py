@@ -65,6 +65,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                         with_memory=config.init_memory)
     state = jax.device_put(state, state_sh)
     print("\n".join(lines), flush=True)
+  elif main_process:
+    print("no init_from: every weight starts random (published QAConv numbers start from "
+          "ImageNet weights: see README, 'Pretrained weights').", flush=True)
   if main_process:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
