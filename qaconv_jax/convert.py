@@ -272,26 +272,25 @@ def _convert_memory(flat, layout, model, map_hw, conv, used, misshaped) -> None:
                        f"{int(conv.memory_valid.sum())} valid")
 
 
+_UNUSED_STAGE4 = "layer4 and the ImageNet classifier fc (unused: QAConv stops at layer3)"
+_COUNTERS = "num_batches_tracked (BN step counters)"
+
+
 def _classify_leftovers(flat, used, layout: Layout, report: list[str]) -> list[str]:
   """Keys not converted: the known-unused ones go to ``report``; the rest are returned."""
-  skipped = {"num_batches_tracked (BN step counters)": [],
-             "layer4 and the ImageNet classifier fc (unused: QAConv stops at layer3)": [],
-             "epoch": []}
+  skipped = {_COUNTERS: 0, _UNUSED_STAGE4: 0}
   unexpected = []
   stage4 = re.compile(rf"{re.escape(layout.backbone)}(layer4\.|fc\.)")
   for k in sorted(set(flat) - used):
     if k.endswith("num_batches_tracked"):
-      skipped["num_batches_tracked (BN step counters)"].append(k)
+      skipped[_COUNTERS] += 1
     elif stage4.match(k):
-      skipped["layer4 and the ImageNet classifier fc (unused: QAConv stops at layer3)"].append(k)
+      skipped[_UNUSED_STAGE4] += 1
     elif k == "epoch":
-      skipped["epoch"].append(k)
       report.append(f"trained for {int(flat[k])} epochs")
     else:
       unexpected.append(f"{k} {list(flat[k].shape)}")
-  for why, keys in skipped.items():
-    if keys and why != "epoch":
-      report.append(f"not converted: {len(keys)} tensors of {why}")
+  report.extend(f"not converted: {n} tensors of {why}" for why, n in skipped.items() if n)
   return unexpected
 
 
