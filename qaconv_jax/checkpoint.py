@@ -101,8 +101,8 @@ def check_model_config(meta: dict, model_cfg: dict) -> None:
   saved = meta.get("model", {})
   keys = sorted(saved)
   norm = lambda v: list(v) if isinstance(v, tuple) else v
-  diff = [f"{k}: checkpoint {saved.get(k)!r} vs config {model_cfg.get(k)!r}"
-          for k in keys if norm(saved.get(k)) != norm(model_cfg.get(k))]
+  diff = [f"{k}: checkpoint {saved[k]!r} vs config {model_cfg.get(k)!r}"
+          for k in keys if norm(saved[k]) != norm(model_cfg.get(k))]
   if diff:
     raise CheckpointMismatch("the checkpoint was written for a different model: " +
                              "; ".join(diff))
@@ -121,6 +121,7 @@ def init_from(state: Any, source_dir: str, model_cfg: dict, with_memory: bool = 
   """
   _, saved, meta = restore_with_meta(source_dir, model_cfg=model_cfg)
   params, stats = dict(state.params), dict(state.batch_stats)
+  saved_stats = saved.get("batch_stats", {})
   taken = []
   for name in saved["params"]:
     if name not in params:
@@ -128,10 +129,9 @@ def init_from(state: Any, source_dir: str, model_cfg: dict, with_memory: bool = 
                                f"the model has {sorted(params)}.")
     _check_same(f"params/{name}", saved["params"][name], params[name])
     params[name] = saved["params"][name]
-    if name in stats or name in saved.get("batch_stats", {}):
-      _check_same(f"batch_stats/{name}", saved["batch_stats"].get(name, {}),
-                  stats.get(name, {}))
-      stats[name] = saved["batch_stats"][name]
+    if name in stats or name in saved_stats:
+      _check_same(f"batch_stats/{name}", saved_stats.get(name, {}), stats.get(name, {}))
+      stats[name] = saved_stats[name]
     taken.append(name)
   lines = [f"initialised {', '.join(taken)} from {source_dir}"]
   kept = sorted(set(params) - set(taken))

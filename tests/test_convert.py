@@ -125,11 +125,11 @@ def test_cli_writes_a_checkpoint_that_restores(tmp_path, capsys):
   assert "eval.py" in capsys.readouterr().out
   step, state, meta = checkpoint.restore_with_meta(str(tmp_path), model_cfg=conv.model)
   assert step == 0 and meta["model"] == conv.model and meta["num_classes"] == 10
-  for path, value in traverse_util.flatten_dict(conv.variables).items():
-    got = state[path[0]]
-    for p in path[1:]:
-      got = got[p]
-    np.testing.assert_array_equal(np.asarray(got), value)
+  restored = traverse_util.flatten_dict({c: state[c] for c in conv.variables})
+  expected = traverse_util.flatten_dict(conv.variables)
+  assert restored.keys() == expected.keys()
+  for path, value in expected.items():
+    np.testing.assert_array_equal(np.asarray(restored[path]), value)
   np.testing.assert_array_equal(np.asarray(state["class_memory"]), conv.class_memory)
   with pytest.raises(FileExistsError, match="already holds checkpoints"):
     convert.main(["--from", src, "--to", str(tmp_path)])

@@ -9,17 +9,17 @@ to the tensor's largest magnitude, on whatever backend JAX runs (CPU, or a GPU w
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "bench")]
 
-import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from common import machine  # noqa: E402  (bench/common.py)
 
 from tests import parity  # noqa: E402
 
 
 def main() -> None:
-  device = jax.devices()[0]
-  print(f"backend {jax.default_backend()}: {device.device_kind}")
+  print(f"machine: {machine()}")
   print(f"{'fixture':<24} {'output':<34} {'max abs err':>12} {'relative':>10}")
   worst = 0.0
   for case in parity.BACKBONES + parity.OFFICIAL:

@@ -100,14 +100,17 @@ class TfdsSource:
     self.pids = np.array([m["pid"] for m in meta], np.int64)
     self.cameras = np.array([m["camera"] for m in meta], np.int64)
     self.times = np.array([m["time"] for m in meta], np.float64)
-    self.names = [m["filename"].decode() if isinstance(m["filename"], bytes) else m["filename"]
-                  for m in meta]
+    self.names = [_text(m["filename"]) for m in meta]
 
   def __len__(self) -> int:
     return len(self.source)
 
   def __getitem__(self, i: int) -> dict:
     ex = self.source[i]
-    name = ex["filename"]
     return {"image": ex["image"], "pid": int(ex["pid"]), "camera": int(ex["camera"]),
-            "time": float(ex["time"]), "where": name.decode() if isinstance(name, bytes) else name}
+            "time": float(ex["time"]), "where": _text(ex["filename"])}
+
+
+def _text(value) -> str:
+  """A TFDS Text feature as str (the data source hands back bytes)."""
+  return value.decode() if isinstance(value, bytes) else value

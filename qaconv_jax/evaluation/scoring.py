@@ -13,11 +13,11 @@ import sys
 import time
 from typing import Callable
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from qaconv_jax.data.pipeline import eval_batches
+from qaconv_jax.models.qaconv import qaconv_distance
 
 
 class Progress:
@@ -88,7 +88,7 @@ def pairwise_distance(match_fn: Callable, probe: np.ndarray, gallery: np.ndarray
     pi = jnp.asarray(probe_p[i:i + bp])
     for j in range(0, len(gallery_p), bg):
       logits = match_fn(pi, jnp.asarray(gallery_p[j:j + bg]))
-      dist = np.asarray(1.0 - jax.nn.sigmoid(logits / 10.0))
+      dist = np.asarray(qaconv_distance(logits))
       out[i:i + bp, j:j + bg] = dist[:min(bp, p - i), :min(bg, g - j)]
       bar.update()
   return out
