@@ -2,12 +2,16 @@
 
   python eval.py --config configs/default.py:tiny --workdir DIR \
       [--config.eval.testsets=synthetic_b] [--checkpoint STEP] [--visualize N]
+
+A bad config value, data set or checkpoint prints one line and exits 1 (--debug: the
+traceback); libraries log warnings only (--verbosity=0: their INFO logs too).
 """
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from qaconv_jax.evaluation.evaluate import evaluate_checkpoint
+from qaconv_jax import cli
+from qaconv_jax.evaluation.eval_lib import evaluate_checkpoint
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:variant].",
                                           lock_config=True)
@@ -23,4 +27,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -4,11 +4,15 @@
 
 Multi-host: pass --coordinator_address HOST:PORT --num_processes N --process_id I on every
 host, or --distributed alone where jax.distributed finds them itself (Cloud TPU, SLURM, ...).
+A bad config value, data set or checkpoint prints one line and exits 1 (--debug: the
+traceback); libraries log warnings only (--verbosity=0: their INFO logs too).
 """
 
 import jax
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
+
+from qaconv_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:variant].",
                                           lock_config=True)
@@ -32,4 +36,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -1,4 +1,4 @@
-"""The paper's v1.0 recipe (SPEC sections 1-4), shared by every config, and the tiny shrink."""
+"""The paper's v1.0 recipe (docs/method.md §1-§4), shared by every config, and the tiny shrink."""
 
 import ml_collections
 
@@ -16,7 +16,7 @@ def paper_config(train: str = "market1501", testsets: str = "dukemtmc",
   c.model = ml_collections.ConfigDict(dict(
       depth=depth,
       width=64,               # torchvision's stem width; tiny variants shrink it
-      ibn="",                 # "": plain ResNet; "a" / "b": IBN-Net-a / -b (SPEC 1)
+      ibn="",                 # "": plain ResNet; "a" / "b": IBN-Net-a / -b (docs/method.md §1)
       neck_dim=128,
       neck_version="v1",      # "v1": conv + BN; "v2.1": conv with bias, no BN
       head="v1",              # "v1" Dense(2hw -> 1); "v2" shared Dense(hw -> 1); "gap" baseline
@@ -38,14 +38,20 @@ def paper_config(train: str = "market1501", testsets: str = "dukemtmc",
       sampler="shuffle",      # "shuffle" (v1.0: shuffled epochs) or "pk" (P x K identities)
       pk_k=4,                 # K images per identity when sampler == "pk"
       augment="v1.0",         # "v1.0" flip + occlusion; "v1.2" adds crop/rotate/jitter; "none"
+      # Validation split held out from the training identities (docs/method.md §5): a count
+      # >= 1 or a fraction in (0, 1) of them; 0 = none (the paper trains on every identity).
+      val_ids=0.0,
+      val_seed=0,             # which identities and which query images
   ))
   c.num_epochs = 60
   c.max_steps = 0             # stop (checkpointing first) after this global step; 0 = none
   c.init_from = ""            # a workdir, or a dir written by qaconv_jax.convert, to start from
   c.init_memory = False       # also take init_from's class memory (same training classes)
   c.log_every = 50
-  c.eval_every = 0            # steps between evaluations; 0 = at the end only
-  c.checkpoint = ml_collections.ConfigDict(dict(every=1000, keep=3))
+  c.eval_every = 0            # steps between validation evaluations (needs data.val_ids); 0 = none
+  # keep_best: also keep the checkpoint of best validation mAP in <workdir>/best/ (needs
+  # data.val_ids and eval_every). Test sets are evaluated once, at the end, on the final state.
+  c.checkpoint = ml_collections.ConfigDict(dict(every=1000, keep=3, keep_best=False))
   c.debug_nan_step = -1       # tests: feed a NaN image at this step
   c.eval = ml_collections.ConfigDict(dict(
       testsets=testsets,      # comma-separated keys of eval.sources

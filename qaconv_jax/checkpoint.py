@@ -2,7 +2,8 @@
 
 Layout: ``<workdir>/checkpoints/<step>/{state, meta}``; ``meta`` is JSON holding the model
 config and the number of classes, so a checkpoint can be restored without building a
-template and a checkpoint from another model is refused by name.
+template and a checkpoint from another model is refused by name. A manager made with
+``best_metric`` keeps only its best checkpoint by that metric (Orbax's own retention).
 """
 
 from __future__ import annotations
@@ -14,29 +15,44 @@ import jax
 import orbax.checkpoint as ocp
 from flax import serialization, traverse_util
 
-
-class CheckpointMismatch(ValueError):
-  """A checkpoint written for a different model or config."""
+from qaconv_jax.errors import CheckpointMismatch, CheckpointNotFound
 
 
 def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
-def manager(workdir: str, max_to_keep: int | None = 3) -> ocp.CheckpointManager:
+def manager(workdir: str, max_to_keep: int | None = 3,
+            best_metric: str | None = None) -> ocp.CheckpointManager:
+  """The checkpoints of ``workdir``: the latest ``max_to_keep``, or with ``best_metric`` the
+  ``max_to_keep`` with the highest value of that metric (saved with `save`'s ``metrics``)."""
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+  if best_metric:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=True, best_fn=lambda m: m[best_metric],
+        best_mode="max", keep_checkpoints_without_metrics=False)
   return ocp.CheckpointManager(
-      checkpoint_dir(workdir),
-      options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+      checkpoint_dir(workdir), options=options,
       item_handlers={"state": ocp.StandardCheckpointHandler(),
                      "meta": ocp.JsonCheckpointHandler()})
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None:
+def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict,
+         metrics: dict | None = None) -> None:
   """Saves ``state`` (a pytree, e.g. the TrainState) and JSON ``meta`` at ``step``; Orbax
-  writes to a temporary folder and renames it, so a crash never leaves a half checkpoint."""
+  writes to a temporary folder and renames it, so a crash never leaves a half checkpoint.
+  ``metrics`` rank the checkpoint in a ``best_metric`` manager."""
   mngr.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(serialization.to_state_dict(state)),
-      meta=ocp.args.JsonSave(meta)))
+      meta=ocp.args.JsonSave(meta)), metrics=metrics)
+
+
+def best_value(mngr: ocp.CheckpointManager, metric: str) -> float | None:
+  """The ``metric`` of the best checkpoint a ``best_metric`` manager holds (None if none),
+  read from Orbax's step metadata: no state is restored."""
+  mngr.wait_until_finished()  # the metrics are read from disk, where an async save ends
+  step = mngr.best_step()
+  return None if step is None else float(mngr.metrics(step)[metric])
 
 
 def restore_latest(workdir: str, step: int | None = None, target: Any = None,
@@ -50,32 +66,35 @@ def restore_latest(workdir: str, step: int | None = None, target: Any = None,
 
 
 def restore_with_meta(workdir: str, step: int | None = None, target: Any = None,
-                      model_cfg: dict | None = None) -> tuple[int, Any, dict]:
+                      model_cfg: dict | None = None,
+                      same: dict | None = None) -> tuple[int, Any, dict]:
   """``(step, state, meta)`` of the latest (or the given) checkpoint under ``workdir``.
 
   Without ``target`` the state comes back as nested dicts of arrays (enough to evaluate);
   with a TrainState ``target`` it is restored into that structure and its shardings.
-  With ``model_cfg`` the saved model config is checked first (`CheckpointMismatch`).
+  With ``model_cfg`` the saved model config is checked first, and every ``same`` entry must
+  equal the saved meta's (a resumed run's class count and data order): `CheckpointMismatch`.
   """
   mngr = manager(workdir, max_to_keep=None)
   try:
-    return _restore(mngr, workdir, step, target, model_cfg)
+    return _restore(mngr, workdir, step, target, model_cfg, same or {})
   finally:
     mngr.close()
 
 
-def _restore(mngr, workdir, step, target, model_cfg):
+def _restore(mngr, workdir, step, target, model_cfg, same):
   steps = mngr.all_steps()
   if not steps:
-    raise FileNotFoundError(f"no checkpoint under {checkpoint_dir(workdir)}.")
+    raise CheckpointNotFound(f"no checkpoint under {checkpoint_dir(workdir)}.")
   if step is None:
     step = mngr.latest_step()
   elif step not in steps:
-    raise FileNotFoundError(f"no checkpoint for step {step} under {checkpoint_dir(workdir)}; "
+    raise CheckpointNotFound(f"no checkpoint for step {step} under {checkpoint_dir(workdir)}; "
                             f"available: {sorted(steps)}.")
   meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
   if model_cfg is not None:
     check_model_config(meta, model_cfg)
+  _check_same_run(meta, same, workdir)
   if target is None:
     # Onto this process's first device, whatever topology wrote it (a pod checkpoint
     # evaluated on one accelerator).
@@ -100,12 +119,33 @@ def check_model_config(meta: dict, model_cfg: dict) -> None:
   """
   saved = meta.get("model", {})
   keys = sorted(saved)
-  norm = lambda v: list(v) if isinstance(v, tuple) else v
   diff = [f"{k}: checkpoint {saved[k]!r} vs config {model_cfg.get(k)!r}"
-          for k in keys if norm(saved[k]) != norm(model_cfg.get(k))]
+          for k in keys if _plain(saved[k]) != _plain(model_cfg.get(k))]
   if diff:
     raise CheckpointMismatch("the checkpoint was written for a different model: " +
                              "; ".join(diff))
+
+
+def _check_same_run(meta: dict, same: dict, workdir: str) -> None:
+  """Raises `CheckpointMismatch` naming each ``same`` setting the checkpoint recorded
+  differently (settings it did not record are not compared)."""
+  diff = []
+  for key, want in same.items():
+    saved = meta.get(key)
+    if isinstance(want, dict) and isinstance(saved, dict):
+      diff += [f"{key}.{k}: checkpoint {saved[k]!r} vs this run {v!r}" for k, v in want.items()
+               if k in saved and _plain(saved[k]) != _plain(v)]
+    elif key in meta and _plain(saved) != _plain(want):
+      diff.append(f"{key}: checkpoint {saved!r} vs this run {want!r}")
+  if diff:
+    raise CheckpointMismatch(
+        f"{checkpoint_dir(workdir)} belongs to a run with other settings, so resuming it here "
+        "would not continue that run: " + "; ".join(diff) + ". Use the original settings or "
+        "another workdir.")
+
+
+def _plain(v):
+  return list(v) if isinstance(v, tuple) else v
 
 
 def init_from(state: Any, source_dir: str, model_cfg: dict, with_memory: bool = False):

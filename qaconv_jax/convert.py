@@ -36,6 +36,7 @@ import numpy as np
 from flax import traverse_util
 
 from qaconv_jax import checkpoint
+from qaconv_jax.errors import OutputExists
 from qaconv_jax.models.model import QAConvModel
 from qaconv_jax.models.resnet import ARCHS, ResNet, torchvision_key
 from qaconv_jax.torch_files import ConversionError, read_state_dict
@@ -310,7 +311,7 @@ def write(conv: Conversion, out_dir: str, source: str) -> str:
   and ``config.init_from`` read). Refuses a folder that already holds checkpoints."""
   if os.path.isdir(checkpoint.checkpoint_dir(out_dir)) and os.listdir(
       checkpoint.checkpoint_dir(out_dir)):
-    raise FileExistsError(f"{checkpoint.checkpoint_dir(out_dir)} already holds checkpoints; "
+    raise OutputExists(f"{checkpoint.checkpoint_dir(out_dir)} already holds checkpoints; "
                           "convert into an empty folder.")
   state = dict(conv.variables)
   meta = {"model": conv.model, "converted_from": os.path.abspath(source), "kind": conv.kind,
@@ -355,4 +356,5 @@ def main(argv: list[str] | None = None) -> Conversion:
 
 
 if __name__ == "__main__":
-  main()
+  from qaconv_jax import cli
+  cli.run_plain(main)

@@ -12,9 +12,10 @@ from __future__ import annotations
 import os
 import time
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from qaconv_jax import cli
 from qaconv_jax.training import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Demo config.")
@@ -44,4 +45,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

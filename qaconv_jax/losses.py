@@ -1,4 +1,4 @@
-"""Class-memory losses (SPEC section 3)."""
+"""Class-memory losses (docs/method.md §3)."""
 
 from __future__ import annotations
 

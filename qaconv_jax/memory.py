@@ -1,4 +1,4 @@
-"""The class memory: the latest feature map of every training identity (SPEC section 3).
+"""The class memory: the latest feature map of every training identity (docs/method.md §3).
 
 The train state carries ``class_memory [C, h, w, d]`` and ``memory_valid [C]``. A step reads
 the memory as it was before the batch, computes the loss, and only then writes the batch

@@ -1,4 +1,4 @@
-"""Optimiser: PyTorch-style SGD with per-group learning rates (SPEC section 4).
+"""Optimiser: PyTorch-style SGD with per-group learning rates (docs/method.md §4).
 
 PyTorch's ``SGD(weight_decay=wd, momentum=m, nesterov=True)`` adds ``wd * param`` to the
 gradient before the momentum buffer, and its learning rate scales the final update, not the
@@ -14,6 +14,8 @@ from typing import Any, Callable
 import jax
 import ml_collections
 import optax
+
+from qaconv_jax.errors import ConfigError
 
 
 def param_path(path) -> str:
@@ -33,7 +35,7 @@ def lr_schedule(cfg: ml_collections.ConfigDict, steps_per_epoch: int) -> Callabl
   if cfg.schedule == "step":
     boundaries = {int(e * steps_per_epoch): cfg.decay_factor for e in cfg.decay_epochs}
     return optax.piecewise_constant_schedule(cfg.lr, boundaries)
-  raise ValueError("optim.schedule must be 'step', 'constant' or 'plateau', got "
+  raise ConfigError("optim.schedule must be 'step', 'constant' or 'plateau', got "
                    f"{cfg.schedule!r}.")
 
 
@@ -56,19 +58,22 @@ def make_optimizer(cfg: ml_collections.ConfigDict,
   """``config.optim`` -> SGD(momentum, nesterov, wd before momentum) with lr groups.
 
   ``cfg.lr_multipliers`` maps a path regex (e.g. ``"^backbone/"``) to a factor of the
-  base rate (e.g. 0.1); unmatched parameters use the base rate.
+  base rate (e.g. 0.1); unmatched parameters use the base rate. The scheduled base rate is
+  an injected hyperparameter (``optax.inject_hyperparams``), so the state names it:
+  `learning_rate` reads it back.
   """
-  base = lr_schedule(cfg, steps_per_epoch)
   multipliers = dict(cfg.lr_multipliers)
 
-  def sgd(factor: float) -> optax.GradientTransformation:
-    return optax.chain(
-        optax.add_decayed_weights(cfg.weight_decay),
-        optax.trace(decay=cfg.momentum, nesterov=cfg.nesterov),
-        optax.scale_by_learning_rate(lambda step: factor * base(step)),
-    )
-  transforms = {"default": sgd(1.0), **{rx: sgd(f) for rx, f in multipliers.items()}}
-  tx = optax.multi_transform(transforms, lambda p: group_labels(p, multipliers))
+  def sgd_groups(learning_rate):
+    def sgd(factor: float) -> optax.GradientTransformation:
+      return optax.chain(
+          optax.add_decayed_weights(cfg.weight_decay),
+          optax.trace(decay=cfg.momentum, nesterov=cfg.nesterov),
+          optax.scale_by_learning_rate(factor * learning_rate),
+      )
+    transforms = {"default": sgd(1.0), **{rx: sgd(f) for rx, f in multipliers.items()}}
+    return optax.multi_transform(transforms, lambda p: group_labels(p, multipliers))
+  tx = optax.inject_hyperparams(sgd_groups)(learning_rate=lr_schedule(cfg, steps_per_epoch))
   if cfg.schedule == "plateau":
     # The paper's ReduceLROnPlateau: x decay_factor when the epoch-mean training loss
     # (passed as `value` by the train step) has not improved for plateau_patience epochs.
@@ -78,10 +83,14 @@ def make_optimizer(cfg: ml_collections.ConfigDict,
   return tx
 
 
-def current_lr(cfg: ml_collections.ConfigDict, steps_per_epoch: int, step: int,
-               opt_state) -> float:
-  """The new layers' learning rate in effect at ``step`` (for logs)."""
-  lr = float(lr_schedule(cfg, steps_per_epoch)(step))
-  if cfg.schedule == "plateau":
-    lr *= float(opt_state[1].scale)
-  return lr
+def learning_rate(opt_state) -> float:
+  """The new layers' learning rate of the last update (for logs): the injected
+  ``learning_rate``, times the plateau option's ``scale`` when there is one (found by name
+  in the state, not by its position in the chain)."""
+  def named(tuple_name):  # e.g. not the schedule's state also called learning_rate
+    return lambda path, _: getattr(path[-1], "tuple_name", None) == tuple_name
+  lr = float(optax.tree.get(opt_state, "learning_rate",
+                            filtering=lambda _, v: hasattr(v, "dtype")))
+  scale = optax.tree.get(opt_state, "scale", default=None,
+                         filtering=named(optax.contrib.ReduceLROnPlateauState.__name__))
+  return lr if scale is None else lr * float(scale)

@@ -17,8 +17,10 @@ from typing import Any
 
 import numpy as np
 
+from qaconv_jax.errors import MissingExtra, MissingFile, QAConvError
 
-class ConversionError(ValueError):
+
+class ConversionError(QAConvError, ValueError):
   """The file is not a state_dict this converter knows, or does not fit the model."""
 
 
@@ -27,7 +29,7 @@ def read_state_dict(path: str) -> tuple[dict[str, np.ndarray], list[str]]:
   (official checkpoints: ``model/<key>``, ``criterion/<key>``), and notes on what was not
   an array (the optimiser state)."""
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"no such file: {path}")
+    raise MissingFile(f"no such file: {path}")
   if path.endswith(".npz"):
     try:
       with np.load(path, allow_pickle=False) as z:
@@ -37,7 +39,7 @@ def read_state_dict(path: str) -> tuple[dict[str, np.ndarray], list[str]]:
   try:
     import torch
   except ImportError:
-    raise ImportError(f"reading {path} needs PyTorch, an optional extra: "
+    raise MissingExtra(f"reading {path} needs PyTorch, an optional extra: "
                       "pip install 'qaconv_jax[torch]' (or convert an .npz copy).") from None
   try:
     obj = torch.load(path, map_location="cpu", weights_only=True)

@@ -1,4 +1,4 @@
-"""One class-memory training step (SPEC sections 3-4), pure and jit-able."""
+"""One class-memory training step (docs/method.md §3-§4), pure and jit-able."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from qaconv_jax.errors import TrainingDiverged
 from qaconv_jax.losses import focal_memory_loss, memory_accuracy
 from qaconv_jax.memory import update_class_memory
 from qaconv_jax.train_state import TrainState
@@ -21,7 +22,9 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
 
   Args:
     state: the train state; ``state.apply_fn`` is ``QAConvModel.apply``.
-    batch: ``{"image": [b, H, W, 3] float in [0, 1], "label": [b] int32}``.
+    batch: ``{"image": [b, H, W, 3] float in [0, 1], "label": [b] int32}``; labels must lie
+      in ``[0, C)`` (a traced step cannot check: the training loop does,
+      `qaconv_jax.data.splits.check_labels`).
     rng: base key; the step number is folded in, so every step draws fresh randomness
       (handed to the model as its ``dropout`` stream) and a resumed run draws the same.
     gamma: focal exponent.
@@ -69,9 +72,10 @@ def make_train_step(loss_cfg, state_sharding=None, batch_sharding=None) -> Calla
 
 
 def check_finite(metrics: Mapping[str, Any], step: int) -> None:
-  """Raises ``FloatingPointError`` naming the step and the offending metrics."""
+  """Raises `TrainingDiverged` (a ``FloatingPointError``) naming the step and the offending
+  metrics."""
   bad = {k: float(v) for k, v in metrics.items() if not math.isfinite(float(v))}
   if bad:
-    raise FloatingPointError(
+    raise TrainingDiverged(
         f"non-finite training metrics at step {step}: {bad}. The state after this step is "
         "not trustworthy; lower the learning rate or check the inputs for NaN/Inf.")

@@ -2,42 +2,59 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax
 import numpy as np
 
 from qaconv_jax import checkpoint, sharding
+from qaconv_jax.config_checks import check_config
 from qaconv_jax.data.pipeline import (iterate, materialize_synthetic, open_source,
                                       steps_per_epoch, train_dataset)
+from qaconv_jax.data.splits import check_class_ids, check_labels, train_and_validation
+from qaconv_jax.errors import TrainingDiverged
 from qaconv_jax.logbook import Logbook, parameter_overview
 from qaconv_jax.models.model import build_model
-from qaconv_jax.optim import current_lr, make_optimizer
+from qaconv_jax.optim import learning_rate, make_optimizer
 from qaconv_jax.train_state import create_train_state
 from qaconv_jax.train_step import check_finite, make_train_step
+
+BEST_METRIC = "val_mAP"  # what <workdir>/best/ is selected by: plain QAConv on validation
+
+
+def data_order(data_cfg, seed: int, num_images: int) -> dict:
+  """The settings that decide which images the n-th global batch holds. A resumed run must
+  read the same order (the host count is not among them: it only splits each batch)."""
+  order = {"batch_size": data_cfg.batch_size, "sampler": data_cfg.sampler, "seed": seed,
+           "val_ids": data_cfg.val_ids, "val_seed": data_cfg.val_seed,
+           "train_images": num_images}
+  if data_cfg.sampler == "pk":
+    order["pk_k"] = data_cfg.pk_k
+  return order
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains (resuming from ``workdir`` if it holds checkpoints), checkpoints, evaluates.
 
-  Returns ``{"step": last step, "eval": results of the final evaluation or {}}``.
+  Returns ``{"step": last step, "eval": results of the final test-set evaluation or {},
+  "val": the last validation results or {}}``.
   """
+  check_config(config, training=True)
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   main_process = jax.process_index() == 0
+  single_process = jax.process_count() == 1
 
   # ---------------------------------------------------------------- data
   # Synthetic sets are written by process 0; the other hosts wait for them.
   data_cfg = materialize_synthetic(config.data, os.path.join(workdir, "data"),
                                    write=main_process)
-  source = open_source(data_cfg, "train")
-  num_classes = int(len(np.unique(source.pids)))
+  source, val = train_and_validation(open_source(data_cfg, "train"), data_cfg)
+  num_classes = check_class_ids(source.pids, f"{data_cfg.dataset} training set")
   per_epoch = steps_per_epoch(source, data_cfg)
   total_steps = config.num_epochs * per_epoch
   dataset = train_dataset(source, data_cfg, seed=config.seed, num_epochs=config.num_epochs,
                           host=jax.process_index(), num_hosts=jax.process_count())
-  batches = iterate(dataset)
 
   # ---------------------------------------------------------------- model, state, shardings
   model = build_model(config.model)
@@ -47,17 +64,18 @@ def train_and_evaluate(config, workdir: str) -> dict:
                              tuple(data_cfg.image_size), num_classes, config.loss)
   state_sh = sharding.state_shardings(state, mesh)
   state = jax.device_put(state, state_sh)
-  meta = {"model": config.model.to_dict(), "num_classes": num_classes}
+  meta = {"model": config.model.to_dict(), "num_classes": num_classes,
+          "data_order": data_order(data_cfg, config.seed, len(source))}
 
   # ---------------------------------------------------------------- resume or initialise
   mngr = checkpoint.manager(workdir, config.checkpoint.keep)
   start = 0
   if mngr.latest_step() is not None:
     mngr.close()  # restore through a fresh manager, then reopen for saving
-    start, state, saved = checkpoint.restore_with_meta(workdir, target=state,
-                                                    model_cfg=meta["model"])
+    start, state, _ = checkpoint.restore_with_meta(
+        workdir, target=state, model_cfg=meta["model"],
+        same={k: meta[k] for k in ("num_classes", "data_order")})
     mngr = checkpoint.manager(workdir, config.checkpoint.keep)
-    batches.set_state(saved["data_iterator"][jax.process_index()])
     state = jax.device_put(state, state_sh)
     print(f"resumed from {checkpoint.checkpoint_dir(workdir)} at step {start}", flush=True)
   elif config.init_from:
@@ -68,12 +86,18 @@ def train_and_evaluate(config, workdir: str) -> dict:
   elif main_process:
     print("no init_from: every weight starts random (published QAConv numbers start from "
           "ImageNet weights: see README, 'Pretrained weights').", flush=True)
+  # One global batch per step, whatever the number of hosts: the step IS the data position,
+  # so a run resumes on any host count by starting the batch sequence there.
+  batches = iterate(dataset[start:])
   if main_process:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
     print(parameter_overview(state.params), flush=True)
     print(f"{num_classes} classes, {per_epoch} steps/epoch, {total_steps} steps, "
           f"{jax.device_count()} device(s) on {jax.process_count()} process(es)", flush=True)
+    if val is not None:
+      print(f"validation split: {len(val[0])} queries, {len(val[1])} gallery images of "
+            f"held-out identities", flush=True)
 
   # ---------------------------------------------------------------- the step
   batch_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
@@ -82,31 +106,42 @@ def train_and_evaluate(config, workdir: str) -> dict:
   book = Logbook(workdir, total_steps, per_epoch, data_cfg.batch_size)
   last_good = start
 
-  can_eval = bool(config.eval.testsets) and jax.process_count() == 1
-  best_dir = os.path.join(workdir, "best")
-  best_map = (checkpoint.restore_with_meta(best_dir)[2].get("mAP", -1.0)
-              if os.path.isdir(checkpoint.checkpoint_dir(best_dir)) else -1.0)
-  results = {}
+  # ---------------------------------------------------------------- evaluation
+  # Evaluation runs in single-process runs (multi-process: eval.py on one host afterwards).
+  validating = bool(config.eval_every) and single_process
+  best = (checkpoint.manager(os.path.join(workdir, "best"), max_to_keep=1,
+                             best_metric=BEST_METRIC)
+          if config.checkpoint.keep_best and validating else None)
+  if config.eval_every and not single_process and main_process:
+    print("multi-process run: no validation during training (nor keep_best); evaluate the "
+          "checkpoints with eval.py on one host.", flush=True)
+  results, val_results = {}, {}
+  jitted = None
 
-  def evaluate(step: int) -> None:
-    nonlocal best_map, results
-    from qaconv_jax.evaluation.evaluate import evaluate_variables
-    results = evaluate_variables(config, workdir, {"params": state.params,
-                                                   "batch_stats": state.batch_stats}, step)
-    first = next(iter(results["testsets"].values()))["QAConv"]  # model selection: plain QAConv
-    book.log(step, {"rank1": first["rank1"], "mAP": first["mAP"]}, kind="eval")
-    if first["mAP"] > best_map:
-      best_map = first["mAP"]
-      best = checkpoint.manager(best_dir, max_to_keep=1)
-      checkpoint.save(best, step, state, {**meta, "mAP": best_map})
-      best.wait_until_finished()
-      best.close()
+  def validate(step: int) -> None:
+    nonlocal jitted, val_results
+    from qaconv_jax.evaluation.eval_lib import jit_model_fns, model_fns
+    from qaconv_jax.evaluation.testset import evaluate_testset
+    jitted = jitted or jit_model_fns(model)
+    fns = model_fns(model, {"params": state.params, "batch_stats": state.batch_stats}, jitted)
+    val_cfg = config.eval.copy_and_resolve_references()
+    val_cfg.update(rerank=False, tlift=False)  # selection by plain QAConv
+    out = evaluate_testset(*fns, *val, val_cfg, tuple(data_cfg.image_size))
+    val_results = out["results"]["QAConv"]
+    book.log(step, {"rank1": val_results["rank1"], "mAP": val_results["mAP"]}, kind="val")
+    print(f"step {step}: validation rank-1 {val_results['rank1']:.2f}  mAP "
+          f"{val_results['mAP']:.2f}", flush=True)
+    if best is not None and step not in best.all_steps():
+      previous = checkpoint.best_value(best, BEST_METRIC)
+      if previous is None or val_results["mAP"] > previous:
+        checkpoint.save(best, step, state, {**meta, BEST_METRIC: val_results["mAP"]},
+                        metrics={BEST_METRIC: val_results["mAP"]})
+        print(f"step {step}: best validation mAP so far ({val_results['mAP']:.2f}), kept in "
+              f"{checkpoint.checkpoint_dir(os.path.join(workdir, 'best'))}", flush=True)
 
   def save(step: int) -> None:
-    positions = [batches.get_state()]
-    if jax.process_count() > 1:  # every host's iterator position, gathered into one list
-      positions = _allgather_json(positions[0])
-    checkpoint.save(mngr, step, state, {**meta, "data_iterator": positions})
+    checkpoint.save(mngr, step, state, {**meta, "data_position": step,
+                                        "num_processes": jax.process_count()})
 
   # ---------------------------------------------------------------- loop
   stop = total_steps if not config.max_steps else min(total_steps, config.max_steps)
@@ -114,6 +149,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   try:
     for step in range(start + 1, stop + 1):
       local = next(batches)
+      check_labels(local["label"], num_classes, step)
       if step - 1 == config.debug_nan_step:
         local = {**local, "image": np.full_like(local["image"], np.nan)}
       state, metrics = step_fn(state, sharding.global_batch(local, mesh), rng)
@@ -122,38 +158,32 @@ def train_and_evaluate(config, workdir: str) -> dict:
         values = jax.device_get(metrics)
         try:
           check_finite(values, step)
-        except FloatingPointError as e:  # never checkpoint a broken state
-          raise FloatingPointError(
+        except TrainingDiverged as e:  # never checkpoint a broken state
+          raise TrainingDiverged(
               f"{e} Stopped; the last good checkpoint (step {last_good}) in "
               f"{checkpoint.checkpoint_dir(workdir)} is intact.") from None
-        book.log(step, {**values, "lr": current_lr(config.optim, per_epoch, step - 1,
-                                                   state.opt_state)})
+        book.log(step, {**values, "lr": learning_rate(state.opt_state)})
       if is_ckpt:
         save(step)
         last_good = step
-      if can_eval and ((config.eval_every and step % config.eval_every == 0)
-                       or step == total_steps):
-        evaluate(step)
+      if validating and step % config.eval_every == 0:
+        validate(step)
         book.restart_clock()
+    if step == total_steps and config.eval.testsets:
+      if single_process:  # the test sets: once, on the final state, never for selection
+        from qaconv_jax.evaluation.eval_lib import evaluate_variables
+        results = evaluate_variables(config, workdir, {"params": state.params,
+                                                       "batch_stats": state.batch_stats}, step)
+        for testset, methods in results["testsets"].items():
+          book.log(step, {f"{testset}/{m}/{k}": r[k] for m, r in methods.items()
+                          for k in ("rank1", "mAP")}, kind="test")
+      elif main_process:
+        print("multi-process run: evaluate with eval.py on one host.", flush=True)
   finally:
     mngr.wait_until_finished()
     mngr.close()
+    if best is not None:
+      best.wait_until_finished()
+      best.close()
     book.close()
-
-  if step == total_steps and config.eval.testsets and not can_eval:
-    print("multi-process run: evaluate with eval.py on one host.", flush=True)
-  return {"step": step, "eval": results}
-
-
-def _allgather_json(obj) -> list:
-  """Every process's JSON-able ``obj``, in process order, on every process."""
-  from jax.experimental import multihost_utils
-  raw = np.frombuffer(json.dumps(obj).encode(), np.uint8)
-  size = int(multihost_utils.process_allgather(np.array([raw.size])).max())
-  padded = np.zeros(size, np.uint8)
-  padded[:raw.size] = raw
-  rows = multihost_utils.process_allgather(padded)
-  return [json.loads(bytes(r[r != 0]).decode())  # JSON text holds no zero bytes
-          for r in rows.reshape(jax.process_count(), size)]
-
-
+  return {"step": step, "eval": results, "val": val_results}

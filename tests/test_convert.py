@@ -218,7 +218,7 @@ def test_init_from_an_official_checkpoint_with_its_memory(fresh_state, tmp_path)
 
 
 def test_converted_official_checkpoint_evaluates(tiny_config, tmp_path):
-  from qaconv_jax.evaluation.evaluate import evaluate_checkpoint
+  from qaconv_jax.evaluation.eval_lib import evaluate_checkpoint
   src = parity.FIXTURES / "qaconv_v2_r50_ibn_b_w4.state.npz"
   conv = convert.main(["--from", str(src), "--to", str(tmp_path / "converted")])
   cfg = tiny_config.copy_and_resolve_references()

@@ -3,13 +3,15 @@
 import hashlib
 import math
 import os
+import re
 
 import numpy as np
 import pytest
 
-from qaconv_jax.data.datasets import DatasetError, load_dataset
+from qaconv_jax.data.datasets import SPLIT_DIRS, DatasetError, load_dataset
 from qaconv_jax.data.synthetic import write_market_tree
-from qaconv_jax.data.timestamps import DUKE_OFFSETS
+from qaconv_jax.data.timestamps import (DUKE_OFFSETS, duke_time, market_session_offsets,
+                                        market_time)
 
 
 def _touch(root, sub, names):
@@ -186,3 +188,81 @@ def test_synthetic_times_carry_group_cooccurrence(tmp_path):
   # (Measured: ~0.5 vs ~0.04; times without groups would give about equal rates.)
   assert np.mean(together) > 0.4 and np.mean(together) > 5 * np.mean(apart), (
       np.mean(together), np.mean(apart))
+
+
+def _folder_tree(root, ext, train="", query="", gallery=""):
+  """A tree with one good image per split, plus the given names."""
+  good = {"jpg": "0001_c1s1_000001_01.jpg", "png": "0001_c1_1.png"}[ext]
+  for sub, extra in (("bounding_box_train", train), ("query", query),
+                     ("bounding_box_test", gallery)):
+    _touch(root, sub, [good] + ([extra] if extra else []))
+  return root
+
+
+@pytest.mark.parametrize("split,bad,what", [
+    ("query", "0002_c0s1_000451_03.jpg", "camera 0 is outside market1501's cameras 1..6"),
+    ("train", "0002_c7s1_000451_03.jpg", "camera 7 is outside market1501's cameras 1..6"),
+    ("gallery", "0002_c1s0_000451_03.jpg", "session 0 is outside market1501's sessions 1..6"),
+    ("gallery", "0002_c1s7_000451_03.jpg", "session 7 is outside market1501's sessions 1..6"),
+    # Junk is checked too: a camera-0 name is malformed whatever its pid.
+    ("gallery", "-1_c0s1_000451_03.jpg", "camera 0 is outside market1501's cameras 1..6"),
+])
+def test_market_names_outside_ranges_are_refused(tmp_path, split, bad, what):
+  root = _folder_tree(str(tmp_path), "jpg", **{split: bad})
+  sub = SPLIT_DIRS[split]
+  with pytest.raises(DatasetError, match=re.escape(f"{os.path.join(root, sub, bad)}: {what}")):
+    load_dataset("market1501", root)
+
+
+@pytest.mark.parametrize("bad,cam", [("0001_c0_f0000100.jpg", 0), ("0001_c9_f0000100.jpg", 9),
+                                     ("-1_c0_f0000100.jpg", 0)])
+def test_duke_cameras_outside_1_to_8_are_refused(tmp_path, bad, cam):
+  root = str(tmp_path)
+  _touch(root, "bounding_box_train", ["0001_c1_f0000001.jpg"])
+  _touch(root, "query", ["0001_c2_f0000001.jpg", bad])
+  _touch(root, "bounding_box_test", ["0001_c3_f0000001.jpg"])
+  want = f"{os.path.join(root, 'query', bad)}: camera {cam} is outside dukemtmc's cameras 1..8"
+  with pytest.raises(DatasetError, match=re.escape(want)):
+    load_dataset("dukemtmc", root)
+
+
+def test_cuhk03_camera_0_is_refused(tmp_path):
+  root = _folder_tree(str(tmp_path), "png", "0002_c0_1.png")
+  want = (f"{os.path.join(root, 'bounding_box_train', '0002_c0_1.png')}: camera 0 is outside "
+          "cuhk03_labeled's cameras >= 1")
+  with pytest.raises(DatasetError, match=re.escape(want)):
+    load_dataset("cuhk03_labeled", root)
+
+
+@pytest.mark.parametrize("cam", ["00", "16"])
+def test_msmt17_cameras_outside_1_to_15_are_refused(tmp_path, cam):
+  root = str(tmp_path)
+  for d in ("train", "test"):
+    os.makedirs(os.path.join(root, d))
+  for name in ("list_train.txt", "list_val.txt", "list_query.txt", "list_gallery.txt"):
+    with open(os.path.join(root, name), "w") as f:
+      f.write("0000/0000_000_01_0303morning_0015_0.jpg 0\n")
+  with open(os.path.join(root, "list_query.txt"), "a") as f:
+    f.write(f"0100/0100_000_{cam}_0303morning_0100_0.jpg 100\n")
+  want = (f"{os.path.join(root, 'list_query.txt')}:2 "
+          f"(0100/0100_000_{cam}_0303morning_0100_0.jpg): camera {int(cam)} is outside "
+          "msmt17's cameras 1..15")
+  with pytest.raises(DatasetError, match=re.escape(want)):
+    load_dataset("msmt17", root)
+
+
+def test_time_functions_refuse_cameras_and_sessions_outside_their_tables():
+  offsets = market_session_offsets([(1, 1, 100)])
+  assert market_time(1, 6, 0, offsets) == 100 / 25  # offset 100 from session 1 on
+  with pytest.raises(ValueError, match=r"session 0 is outside sessions 1\.\.6"):
+    market_time(1, 0, 10, offsets)
+  with pytest.raises(ValueError, match=r"session 7 is outside sessions 1\.\.6"):
+    market_time(1, 7, 10, offsets)
+  with pytest.raises(ValueError, match=r"camera 0 is outside cameras 1\.\.6"):
+    market_time(0, 1, 10, offsets)
+  with pytest.raises(ValueError, match=r"camera 2 has no session offsets.*cameras \[1\]"):
+    market_time(2, 1, 10, offsets)
+  assert duke_time(8, 0) == pytest.approx(DUKE_OFFSETS[7] / 59.94)
+  for cam in (0, 9, -1):
+    with pytest.raises(ValueError, match=rf"camera {cam} is outside cameras 1\.\.8"):
+      duke_time(cam, 10)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 from qaconv_jax import checkpoint
-from qaconv_jax.evaluation.run import evaluate_testset
+from qaconv_jax.evaluation.testset import evaluate_testset
 from qaconv_jax.evaluation.scoring import block_shape, pairwise_distance
 from qaconv_jax.models.model import QAConvModel, build_model
 from qaconv_jax.optim import make_optimizer
@@ -74,13 +75,46 @@ def test_fake_model_gives_the_known_map():
                                            8)[:, None, None, :])
   match = jax.jit(lambda p, g: 100.0 * jnp.einsum("pd,gd->pg", p[:, 0, 0], g[:, 0, 0]) - 50.0)
   cfg = ml_collections.ConfigDict(dict(batch_size=3, memory_budget_gb=1e-4, rerank=False,
-                                       ap_mode="step", topk=3))
+                                       tlift=False, ap_mode="step", topk=3))
   out = evaluate_testset(embed, match, query, gallery, cfg, (8, 4))
   r = out["results"]["QAConv"]
   assert r["mAP"] == pytest.approx(100 * (3 + 5 / 12) / 4)
   assert r["rank1"] == pytest.approx(75.0) and r["rank5"] == pytest.approx(100.0)
   np.testing.assert_array_equal(out["topk"]["QAConv"][0], [2, 3, 0])
   assert set(out["results"]) == {"QAConv"}
+
+
+def test_tlift_without_reranking_is_its_own_row(rng):
+  from qaconv_jax.evaluation.tlift import temporal_lift
+  times_q = rng.uniform(0, 300, 6)
+  times_g = rng.uniform(0, 300, 12)
+  gallery = FakeSource(np.arange(12), np.arange(12) % 4, np.arange(12) % 3, times_g)
+  query = FakeSource(np.arange(6), np.arange(6) % 4, (np.arange(6) + 1) % 3, times_q)
+  # Feature = image index (one-hot over 18); the matcher reads the indices back, so its
+  # logits are a known table whatever the block order.
+  table = rng.normal(0, 8, size=(18, 18)).astype(np.float32)
+  embed = jax.jit(lambda x: jax.nn.one_hot(jnp.round(x[:, 0, 0, 0] * 255).astype(jnp.int32),
+                                           18)[:, None, None, :])
+  def match(p, g):
+    return jnp.asarray(table)[jnp.argmax(p[:, 0, 0], 1)[:, None], jnp.argmax(g[:, 0, 0], 1)]
+  gallery.feature_ids = np.arange(12) + 6  # query images are ids 0..5, gallery 6..17
+  cfg = ml_collections.ConfigDict(dict(batch_size=4, memory_budget_gb=1e-4, rerank=False,
+                                       tlift=True, tau=100.0, sigma=200.0, tlift_k=3, alpha=0.2,
+                                       ap_mode="step", topk=3))
+  out = evaluate_testset(embed, jax.jit(match), query, gallery, cfg, (8, 4))
+  assert list(out["results"]) == ["QAConv", "QAConv+TLift"] and out["notes"] == []
+  logits = table[:6, 6:]
+  np.testing.assert_allclose(out["dist"]["QAConv"], 1 - 1 / (1 + np.exp(-logits / 10)),
+                             rtol=1e-6, atol=1e-6)
+  # TLift lifts sigmoid(logit) (the authors' advice for QAConv scores), not sigmoid(logit/10).
+  want = 1 - np.asarray(temporal_lift(1 / (1 + np.exp(-logits)), query.cameras, times_q,
+                                      gallery.cameras, times_g, 100.0, 200.0, 3, 0.2))
+  np.testing.assert_allclose(out["dist"]["QAConv+TLift"], want, rtol=1e-5, atol=1e-6)
+
+  query.times = np.full(6, np.nan)  # a set without time stamps: said, not silently skipped
+  out = evaluate_testset(embed, jax.jit(match), query, gallery, cfg, (8, 4))
+  assert list(out["results"]) == ["QAConv"]
+  assert out["notes"] == ["TLift not applied: this set lacks a time stamp for some images."]
 
 
 def _save_tiny_checkpoint(cfg, workdir, model_overrides=None):
@@ -102,11 +136,12 @@ def test_eval_py_end_to_end(tiny_config, tmp_path):
        "--visualize", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "QAConv+RR+TLift" in proc.stdout
+  assert not re.search(r"^I\d{4} ", proc.stderr, re.M), proc.stderr[-2000:]  # no INFO logs
   with open(os.path.join(workdir, "eval", "results.json")) as f:
     results = json.load(f)
   assert results["step"] == 7
   methods = results["testsets"]["synthetic_b"]
-  assert set(methods) == {"QAConv", "QAConv+RR", "QAConv+RR+TLift"}
+  assert list(methods) == ["QAConv", "QAConv+TLift", "QAConv+RR", "QAConv+RR+TLift"]
   for r in methods.values():
     assert 0 <= r["rank1"] <= r["rank5"] <= r["rank10"] <= r["rank20"] <= 100
     assert 0 < r["mAP"] <= 100 and r["num_valid_queries"] > 0
@@ -118,7 +153,7 @@ def test_eval_py_end_to_end(tiny_config, tmp_path):
 
 
 def test_checkpoint_from_another_model_is_refused(tiny_config, tmp_path):
-  from qaconv_jax.evaluation.evaluate import evaluate_checkpoint
+  from qaconv_jax.evaluation.eval_lib import evaluate_checkpoint
   workdir = str(tmp_path / "run")
   _save_tiny_checkpoint(tiny_config, workdir, {"depth": 34, "neck_dim": 64})
   with pytest.raises(checkpoint.CheckpointMismatch,

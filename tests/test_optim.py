@@ -1,11 +1,11 @@
-"""The optimiser against PyTorch's SGD rule written out in NumPy (SPEC 4)."""
+"""The optimiser against PyTorch's SGD rule written out in NumPy (docs/method.md §4)."""
 
 import jax
 import ml_collections
 import numpy as np
 import pytest
 
-from qaconv_jax.optim import group_labels, lr_schedule, make_optimizer
+from qaconv_jax.optim import group_labels, learning_rate, lr_schedule, make_optimizer
 
 
 def _cfg(**kw):
@@ -37,11 +37,12 @@ def test_sgd_matches_torch_rule_with_groups_and_decay(rng):
   tx = make_optimizer(_cfg(), steps_per_epoch=2)  # x0.1 from step 2 on
   opt_state = tx.init(params)
   p = params
-  for g in grads_seq:
+  base = [0.01, 0.01, 0.001, 0.001, 0.001]
+  for g, lr in zip(grads_seq, base):
     updates, opt_state = tx.update(g, opt_state, p)
     p = jax.tree.map(lambda a, u: a + u, p, updates)
+    assert learning_rate(opt_state) == pytest.approx(lr)  # the rate this update used
   flat = lambda t: {"backbone": t["backbone"]["w"], "neck": t["neck"]["w"]}
-  base = [0.01, 0.01, 0.001, 0.001, 0.001]
   lrs = [{"backbone": 0.1 * b, "neck": b} for b in base]
   want = torch_sgd_ref(flat(params), [flat(g) for g in grads_seq], lrs, 0.9, 5e-4)
   for k in want:
@@ -66,7 +67,6 @@ def test_schedules():
 
 
 def test_plateau_scales_updates_down_when_the_loss_stops_improving():
-  from qaconv_jax.optim import current_lr
   params = {"neck": {"w": np.ones(3, np.float32)}}
   cfg = _cfg(schedule="plateau", weight_decay=0.0, momentum=0.0, nesterov=False)
   tx = make_optimizer(cfg, steps_per_epoch=2)
@@ -77,7 +77,7 @@ def test_plateau_scales_updates_down_when_the_loss_stops_improving():
   for i, loss in enumerate(losses):
     updates, state = tx.update(grads, state, params, value=np.float32(loss))
     sizes.append(float(-updates["neck"]["w"][0]))
-    lrs.append(current_lr(cfg, 2, i, state))
+    lrs.append(learning_rate(state))
   # Epochs of 2 steps: epoch 2 improves, epochs 3-4 do not (patience 2) -> x0.1 at the end of
   # epoch 4; two more flat epochs -> x0.1 again (PyTorch's rule with cooldown 0).
   np.testing.assert_allclose(sizes, [0.01] * 7 + [0.001] * 4 + [0.0001], rtol=1e-5)

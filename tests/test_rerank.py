@@ -1,4 +1,4 @@
-"""Re-ranking against a dense float64 implementation written from SPEC 6."""
+"""Re-ranking against a dense float64 implementation written from docs/method.md §6."""
 
 import numpy as np
 import pytest
@@ -83,6 +83,26 @@ def test_bad_input():
     k_reciprocal_rerank(np.ones((3, 4)), np.ones((3, 3)), np.full((4, 4), np.nan))
   with pytest.raises(ValueError, match="k1=20 needs more than 20 images"):
     k_reciprocal_rerank(np.ones((3, 4)), np.ones((3, 3)), np.ones((4, 4)))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(k1=5, k2=7), r"k2=7: expected an integer in \[1, k1 \+ 1\] = \[1, 6\]"),
+    (dict(k1=0, k2=1), r"k1=0: expected an integer >= 1"),
+    (dict(k1=-3, k2=1), r"k1=-3: expected an integer >= 1"),
+    (dict(k1=5, k2=0), r"k2=0: expected an integer in \[1, k1 \+ 1\]"),
+    (dict(k1=5, k2=3, lambda_value=1.5), r"lambda_value=1.5: expected a weight in \[0, 1\]"),
+    (dict(k1=5, k2=3, lambda_value=-0.1), r"lambda_value=-0.1: expected a weight in \[0, 1\]")])
+def test_parameters_outside_their_ranges_are_refused(kwargs, message):
+  # k2 > k1 + 1 used to read past each row's neighbour list and return wrong rows silently.
+  qg, qq, gg = _clustered(np.random.default_rng(0), 10, 30)
+  with pytest.raises(ValueError, match=message):
+    k_reciprocal_rerank(qg, qq, gg, **kwargs)
+
+
+def test_k2_at_its_limit_still_matches_the_reference():
+  qg, qq, gg = _clustered(np.random.default_rng(2), 10, 30)
+  np.testing.assert_allclose(k_reciprocal_rerank(qg, qq, gg, k1=5, k2=6),
+                             rerank_ref(qg, qq, gg, 5, 6, 0.3), rtol=2e-5, atol=2e-6)
 
 
 def test_ties_break_by_index_like_a_stable_sort():

@@ -17,10 +17,12 @@ import io
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
+from qaconv_jax.errors import ConfigError, DataError
+
 AUGMENTATIONS = ("none", "flip", "v1.0", "v1.2")
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(DataError):
   """An image file that cannot be decoded."""
 
 
@@ -82,7 +84,7 @@ def augment(img: Image.Image, size: tuple[int, int], kind: str,
             rng: np.random.Generator | None) -> np.ndarray:
   """Resized (and, unless ``kind == "none"``, augmented) uint8 ``[H, W, 3]``."""
   if kind not in AUGMENTATIONS:
-    raise ValueError(f"unknown augmentation {kind!r}; expected one of {AUGMENTATIONS}.")
+    raise ConfigError(f"unknown augmentation {kind!r}; expected one of {AUGMENTATIONS}.")
   img = resize(img, size)
   if kind == "none":
     return np.asarray(img)

@@ -1,4 +1,4 @@
-"""Re-ID datasets in their standard folder layouts (SPEC section 8).
+"""Re-ID datasets in their standard folder layouts (docs/method.md §8).
 
 ``load_dataset(name, root)`` returns a ``ReidDataset`` whose ``train`` / ``query`` /
 ``gallery`` are lists of ``Record(path, pid, camera, time)``: junk (pid -1) dropped,
@@ -15,10 +15,13 @@ import re
 from typing import Callable
 
 from qaconv_jax.data import timestamps
+from qaconv_jax.errors import DataError
 
 SPLIT_DIRS = {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}
 MSMT_LISTS = {"train": ("list_train.txt", "list_val.txt"), "query": ("list_query.txt",),
               "gallery": ("list_gallery.txt",)}
+
+MSMT17_CAMERAS = 15
 
 _MARKET = re.compile(r"^(-?\d+)_c(\d)s(\d)_(\d+)_(\d+)\.jpg$")
 _DUKE = re.compile(r"^(-?\d+)_c(\d+)_f(\d+)\.jpg$")
@@ -53,7 +56,7 @@ class ReidDataset:
     return not any(math.isnan(r.time) for r in self.query + self.gallery)
 
 
-class DatasetError(ValueError):
+class DatasetError(DataError):
   """A dataset folder that does not have the expected layout or names."""
 
 
@@ -83,6 +86,19 @@ def _match(pattern: re.Pattern, filename: str, folder: str, example: str) -> re.
   return m
 
 
+def _check_range(where: str, what: str, value: int, name: str, low: int,
+                 high: int | None = None) -> None:
+  """Refuses ``value`` outside ``low..high`` (``high`` None: no upper bound).
+
+  A camera 0 would silently become camera -1, and a camera or session beyond the tables in
+  ``timestamps`` would pick a wrong offset, so malformed names stop here, named.
+  """
+  if value < low or (high is not None and value > high):
+    expected = f"{low}..{high}" if high is not None else f">= {low}"
+    raise DatasetError(f"cannot use image name {where}: {what} {value} is outside {name}'s "
+                       f"{what}s {expected}.")
+
+
 def _relabel(train: list[Record]) -> list[Record]:
   labels = {pid: i for i, pid in enumerate(sorted({r.pid for r in train}))}
   return [dataclasses.replace(r, pid=labels[r.pid]) for r in train]
@@ -96,8 +112,12 @@ def _market(root: str) -> dict[str, list[Record]]:
     for f in _list_images(folder, ".jpg", "market1501"):
       m = _match(_MARKET, f, folder, "0002_c1s1_000451_03.jpg")
       pid, cam, session, frame = (int(m.group(i)) for i in range(1, 5))
+      # Junk included: a camera-0 file is malformed whatever its pid.
+      where = os.path.join(folder, f)
+      _check_range(where, "camera", cam, "market1501", 1, timestamps.MARKET_CAMERAS)
+      _check_range(where, "session", session, "market1501", 1, timestamps.MARKET_SESSIONS)
       if pid != -1:
-        rows.append((os.path.join(folder, f), pid, cam, session, frame))
+        rows.append((where, pid, cam, session, frame))
     parsed[split] = rows
   # Offsets from all three splits together, as the official code does.
   offsets = timestamps.market_session_offsets(
@@ -108,7 +128,8 @@ def _market(root: str) -> dict[str, list[Record]]:
 
 
 def _folder_splits(root: str, name: str, pattern: re.Pattern, ext: str, example: str,
-                   time_fn: Callable[[re.Match], float]) -> dict[str, list[Record]]:
+                   time_fn: Callable[[re.Match], float],
+                   max_camera: int | None) -> dict[str, list[Record]]:
   out = {}
   for split, sub in SPLIT_DIRS.items():
     folder = os.path.join(root, sub)
@@ -116,6 +137,7 @@ def _folder_splits(root: str, name: str, pattern: re.Pattern, ext: str, example:
     for f in _list_images(folder, ext, name):
       m = _match(pattern, f, folder, example)
       pid, cam = int(m.group(1)), int(m.group(2))
+      _check_range(os.path.join(folder, f), "camera", cam, name, 1, max_camera)
       if pid != -1:
         records.append(Record(os.path.join(folder, f), pid, cam - 1, time_fn(m)))
     out[split] = records
@@ -124,12 +146,13 @@ def _folder_splits(root: str, name: str, pattern: re.Pattern, ext: str, example:
 
 def _duke(root: str) -> dict[str, list[Record]]:
   return _folder_splits(root, "dukemtmc", _DUKE, ".jpg", "0001_c2_f0046182.jpg",
-                        lambda m: timestamps.duke_time(int(m.group(2)), int(m.group(3))))
+                        lambda m: timestamps.duke_time(int(m.group(2)), int(m.group(3))),
+                        len(timestamps.DUKE_OFFSETS))
 
 
 def _cuhk03(name: str) -> Callable[[str], dict[str, list[Record]]]:
   return lambda root: _folder_splits(root, name, _CUHK03, ".png", "0001_c1_1.png",
-                                     lambda m: math.nan)
+                                     lambda m: math.nan, None)
 
 
 def _msmt17(root: str) -> dict[str, list[Record]]:
@@ -153,6 +176,8 @@ def _msmt17(root: str) -> dict[str, list[Record]]:
               not parts[1].lstrip("-").isdigit():
             raise DatasetError(f"{list_path}:{line_no}: cannot parse {line.strip()!r}; expected "
                                "'0000/0000_000_01_0303morning_0015_0.jpg 0'.")
+          _check_range(f"{list_path}:{line_no} ({parts[0]})", "camera", int(fields[2]),
+                       "msmt17", 1, MSMT17_CAMERAS)
           records.append(Record(os.path.join(folder, parts[0]), int(parts[1]),
                                 int(fields[2]) - 1, math.nan))
     if not records:

@@ -21,6 +21,7 @@ import numpy as np
 
 from qaconv_jax.data.augment import augment, decode
 from qaconv_jax.data.datasets import load_dataset
+from qaconv_jax.errors import ConfigError, DataError, MissingFile
 
 
 class FolderSource:
@@ -42,7 +43,7 @@ class FolderSource:
       with open(r.path, "rb") as f:
         data = f.read()
     except OSError as e:
-      raise FileNotFoundError(f"cannot read image {r.path}: {e}") from None
+      raise MissingFile(f"cannot read image {r.path}: {e}") from None
     return {"image": data, "pid": r.pid, "camera": r.camera, "time": r.time, "where": r.path}
 
 
@@ -54,7 +55,7 @@ def open_source(cfg, split: str):
     return TfdsSource(cfg.dataset, split, cfg.tfds_dir)
   if cfg.root:
     return FolderSource(getattr(load_dataset(cfg.dataset, cfg.root), split))
-  raise ValueError("no data: set config.data.root (the dataset's folder) or "
+  raise ConfigError("no data: set config.data.root (the dataset's folder) or "
                    "config.data.tfds_dir (prepared with python -m qaconv_jax.data.prepare).")
 
 
@@ -87,7 +88,7 @@ class EpochOrder:
 
   def __init__(self, num_items: int, global_batch: int, num_epochs: int, seed: int):
     if num_items < global_batch:
-      raise ValueError(f"{num_items} images cannot fill one batch of {global_batch}.")
+      raise DataError(f"{num_items} images cannot fill one batch of {global_batch}.")
     self.n, self.epoch_len = num_items, (num_items // global_batch) * global_batch
     self.num_epochs, self.seed = num_epochs, seed
     self._cache: tuple[int, np.ndarray] | None = None
@@ -112,7 +113,7 @@ class PKOrder(EpochOrder):
   def __init__(self, pids: np.ndarray, p: int, k: int, num_epochs: int, seed: int):
     self.by_id = [np.flatnonzero(pids == pid) for pid in np.unique(pids)]
     if len(self.by_id) < p:
-      raise ValueError(f"P x K sampling needs at least P={p} identities, found {len(self.by_id)}.")
+      raise DataError(f"P x K sampling needs at least P={p} identities, found {len(self.by_id)}.")
     self.p, self.k = p, k
     self.epoch_len = (len(self.by_id) // p) * p * k
     self.num_epochs, self.seed = num_epochs, seed
@@ -132,7 +133,7 @@ class HostSlice:
 
   def __init__(self, order: EpochOrder, global_batch: int, host: int, num_hosts: int):
     if global_batch % num_hosts:
-      raise ValueError(f"global batch {global_batch} must divide over {num_hosts} hosts.")
+      raise ConfigError(f"global batch {global_batch} must divide over {num_hosts} hosts.")
     self.order, self.global_batch, self.local = order, global_batch, global_batch // num_hosts
     self.host = host
 
@@ -158,12 +159,12 @@ def train_dataset(source, cfg, *, seed: int, num_epochs: int, host: int = 0,
   size = tuple(cfg.image_size)
   if cfg.sampler == "pk":
     if cfg.batch_size % cfg.pk_k:
-      raise ValueError(f"batch_size {cfg.batch_size} is not a multiple of pk_k {cfg.pk_k}.")
+      raise ConfigError(f"batch_size {cfg.batch_size} is not a multiple of pk_k {cfg.pk_k}.")
     order = PKOrder(source.pids, cfg.batch_size // cfg.pk_k, cfg.pk_k, num_epochs, seed)
   elif cfg.sampler == "shuffle":
     order = EpochOrder(len(source), cfg.batch_size, num_epochs, seed)
   else:
-    raise ValueError(f"data.sampler must be 'shuffle' or 'pk', got {cfg.sampler!r}.")
+    raise ConfigError(f"data.sampler must be 'shuffle' or 'pk', got {cfg.sampler!r}.")
 
   def load(item):
     pos, idx = item

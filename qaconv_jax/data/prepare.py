@@ -23,4 +23,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  from qaconv_jax import cli
+  cli.run_plain(main)

@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from qaconv_jax.data.crowd import simulate_walks
+from qaconv_jax.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,7 +188,7 @@ def write_market_tree(out: str, domain_name: str, num_ids: int, seed: int,
   Returns counts per split. Deterministic from ``(domain_name, num_ids, seed)``.
   """
   if domain_name not in DOMAINS:
-    raise ValueError(f"unknown synthetic domain {domain_name!r}; expected one of {sorted(DOMAINS)}.")
+    raise ConfigError(f"unknown synthetic domain {domain_name!r}; expected one of {sorted(DOMAINS)}.")
   domain = DOMAINS[domain_name]
   rng = np.random.default_rng([seed, ord(domain_name)])
   cams = [(camera_background(domain, rng), rng.uniform(0.75, 1.25, 3) * rng.uniform(0.8, 1.2))
@@ -250,4 +251,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  from qaconv_jax import cli
+  cli.run_plain(main)

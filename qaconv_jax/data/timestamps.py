@@ -1,4 +1,4 @@
-"""Frame numbers -> seconds for the datasets that have them (SPEC section 7).
+"""Frame numbers -> seconds for the datasets that have them (docs/method.md §7).
 
 TLift's published numbers depend on these exact rules, quirks included.
 """
@@ -9,6 +9,7 @@ from collections import defaultdict
 from typing import Iterable
 
 MARKET_FPS = 25.0
+MARKET_CAMERAS = 6
 MARKET_SESSIONS = 6
 DUKE_FPS = 59.94
 # Per-camera frame offsets of DukeMTMC-reID, cameras 1..8 (the official synchronisation).
@@ -48,10 +49,32 @@ def market_session_offsets(frames: Iterable[tuple[int, int, int]]) -> dict[tuple
 
 def market_time(camera: int, session: int, frame: int,
                 offsets: dict[tuple[int, int], int]) -> float:
-  """Seconds of a Market-1501 image (1-based camera and session)."""
+  """Seconds of a Market-1501 image (1-based camera and session).
+
+  Raises:
+    ValueError: ``camera`` is outside 1..MARKET_CAMERAS, ``session`` outside
+      1..MARKET_SESSIONS, or ``offsets`` has no entry for ``(camera, session)`` (a camera
+      that ``market_session_offsets`` never saw).
+  """
+  if not 1 <= camera <= MARKET_CAMERAS:
+    raise ValueError(f"Market-1501 camera {camera} is outside cameras 1..{MARKET_CAMERAS}.")
+  if not 1 <= session <= MARKET_SESSIONS:
+    raise ValueError(f"Market-1501 session {session} is outside sessions 1..{MARKET_SESSIONS}.")
+  if (camera, session) not in offsets:
+    seen = sorted({c for c, _ in offsets})
+    raise ValueError(f"Market-1501 camera {camera} has no session offsets; the offsets hold "
+                     f"cameras {seen}.")
   return (frame + offsets[camera, session]) / MARKET_FPS
 
 
 def duke_time(camera: int, frame: int) -> float:
-  """Seconds of a DukeMTMC-reID image (1-based camera)."""
+  """Seconds of a DukeMTMC-reID image (1-based camera).
+
+  Raises:
+    ValueError: ``camera`` is outside 1..len(DUKE_OFFSETS) (camera 0 would otherwise index
+      camera 8's offset from the end).
+  """
+  if not 1 <= camera <= len(DUKE_OFFSETS):
+    raise ValueError(f"DukeMTMC-reID camera {camera} is outside cameras "
+                     f"1..{len(DUKE_OFFSETS)}.")
   return (frame + DUKE_OFFSETS[camera - 1]) / DUKE_FPS

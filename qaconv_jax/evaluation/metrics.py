@@ -12,6 +12,8 @@ import os
 
 import numpy as np
 
+from qaconv_jax.errors import ConfigError, DataError
+
 
 def sort_keys(dist: np.ndarray) -> np.ndarray:
   """``[q, G]`` float32 -> uint64 keys whose plain sort is (distance, gallery index) order.
@@ -94,7 +96,7 @@ def evaluate_ranking(dist, query_pids, gallery_pids, query_cams, gallery_cams,
     skipped queries)}``.
   """
   if ap_mode not in ("step", "trapezoid"):
-    raise ValueError(f"ap_mode must be 'step' or 'trapezoid', got {ap_mode!r}.")
+    raise ConfigError(f"ap_mode must be 'step' or 'trapezoid', got {ap_mode!r}.")
   dist = _check(dist, query_pids, gallery_pids, query_cams, gallery_cams)
   qp, qc = np.asarray(query_pids), np.asarray(query_cams)
   gp, gc = np.asarray(gallery_pids), np.asarray(gallery_cams)
@@ -108,7 +110,7 @@ def evaluate_ranking(dist, query_pids, gallery_pids, query_cams, gallery_cams,
   valid = first_hit >= 0
   n_valid = int(valid.sum())
   if n_valid == 0:
-    raise ValueError("no query has a valid positive in the gallery (same pid in another "
+    raise DataError("no query has a valid positive in the gallery (same pid in another "
                      "camera): check the ids and cameras.")
   cmc = np.zeros(max_rank)
   hits = first_hit[valid]

@@ -1,4 +1,4 @@
-"""k-reciprocal re-ranking (Zhong et al. 2017) as QAConv applies it (SPEC section 6).
+"""k-reciprocal re-ranking (Zhong et al. 2017) as QAConv applies it (docs/method.md §6).
 
 Built on neighbour lists: the ``(P+G)^2`` matrix is never materialised. Row i of the
 normalised distance ``D'`` (column i of the full distance over that column's maximum) is
@@ -10,6 +10,19 @@ with ``N * k``. Everything is float32, as the inputs.
 from __future__ import annotations
 
 import numpy as np
+
+
+def check_rerank_params(k1: int, k2: int, lambda_value: float) -> None:
+  """Raises ``ValueError`` naming a parameter outside the range the method is defined on."""
+  if int(k1) != k1 or k1 < 1:
+    raise ValueError(f"k1={k1!r}: expected an integer >= 1 (the neighbours of each image).")
+  if int(k2) != k2 or not 1 <= k2 <= k1 + 1:
+    raise ValueError(f"k2={k2!r}: expected an integer in [1, k1 + 1] = [1, {int(k1) + 1}] (query "
+                     "expansion averages each image's k2 nearest of its k1 + 1 neighbours).")
+  if not 0.0 <= lambda_value <= 1.0:
+    raise ValueError(f"lambda_value={lambda_value!r}: expected a weight in [0, 1] (the share of "
+                     "the original distance in the result).")
+
 
 class _Distances:
   """Random access to the normalised, transposed full distance ``D'`` ``[N, N]``."""
@@ -112,14 +125,16 @@ def _unique_rows(cols: np.ndarray, vals: np.ndarray):
 
 def k_reciprocal_rerank(dist_qg, dist_qq, dist_gg, k1: int = 20, k2: int = 6,
                         lambda_value: float = 0.3, block: int = 1024) -> np.ndarray:
-  """Re-ranked ``[P, G]`` float32 distance (SPEC 6).
+  """Re-ranked ``[P, G]`` float32 distance (docs/method.md §6).
 
   Args:
     dist_qg: ``[P, G]``; dist_qq: ``[P, P]``; dist_gg: ``[G, G]`` (QAConv distances;
       need not be symmetric).
-    k1, k2, lambda_value: the usual parameters (defaults as QAConv uses them).
+    k1, k2, lambda_value: the usual parameters (defaults as QAConv uses them); ``k1 >= 1``,
+      ``1 <= k2 <= k1 + 1``, ``0 <= lambda_value <= 1`` (`check_rerank_params`).
     block: rows of ``D'`` materialised at a time while finding neighbours.
   """
+  check_rerank_params(k1, k2, lambda_value)
   qg = np.asarray(dist_qg, np.float32)
   qq = np.asarray(dist_qq, np.float32)
   gg = np.asarray(dist_gg, np.float32)

@@ -1,4 +1,4 @@
-"""Feature extraction and memory-bounded QAConv scoring (SPEC section 2, evaluation).
+"""Feature extraction and memory-bounded QAConv scoring (docs/method.md §2, evaluation).
 
 Maps are extracted in fixed-shape padded batches (one compilation). Distances are computed
 in ``[bp, bg]`` blocks whose working set stays under a memory budget; edge blocks are
@@ -71,8 +71,9 @@ def block_shape(num_probe: int, num_gallery: int, hw: int, budget_bytes: float) 
 
 def pairwise_distance(match_fn: Callable, probe: np.ndarray, gallery: np.ndarray,
                       budget_bytes: float = 2 * 2**30, block: tuple[int, int] | None = None,
-                      label: str = "scores") -> np.ndarray:
-  """QAConv distance ``[P, G]`` = ``1 - sigmoid(logit / 10)``, block by block.
+                      label: str = "scores", return_logits: bool = False):
+  """QAConv distance ``[P, G]`` = ``1 - sigmoid(logit / 10)``, block by block (with
+  ``return_logits``: ``(distance, logits)``, both ``[P, G]`` float32).
 
   ``match_fn(probe [bp, h, w, d], gallery [bg, h, w, d]) -> logits [bp, bg]`` (jitted).
   """
@@ -83,12 +84,15 @@ def pairwise_distance(match_fn: Callable, probe: np.ndarray, gallery: np.ndarray
     return np.concatenate([x, np.zeros(((n - len(x) % n) % n, *x.shape[1:]), x.dtype)])
   probe_p, gallery_p = pad(probe, bp), pad(gallery, bg)
   out = np.empty((p, g), np.float32)
+  out_logits = np.empty((p, g), np.float32) if return_logits else None
   bar = Progress(label, (len(probe_p) // bp) * (len(gallery_p) // bg))
   for i in range(0, len(probe_p), bp):
     pi = jnp.asarray(probe_p[i:i + bp])
     for j in range(0, len(gallery_p), bg):
       logits = match_fn(pi, jnp.asarray(gallery_p[j:j + bg]))
-      dist = np.asarray(qaconv_distance(logits))
-      out[i:i + bp, j:j + bg] = dist[:min(bp, p - i), :min(bg, g - j)]
+      rows, cols = min(bp, p - i), min(bg, g - j)
+      out[i:i + bp, j:j + bg] = np.asarray(qaconv_distance(logits))[:rows, :cols]
+      if return_logits:
+        out_logits[i:i + bp, j:j + bg] = np.asarray(logits)[:rows, :cols]
       bar.update()
-  return out
+  return (out, out_logits) if return_logits else out

@@ -1,4 +1,4 @@
-"""Temporal Lifting (TLift), as the official code computes it (SPEC section 7).
+"""Temporal Lifting (TLift), as the official code computes it (docs/method.md §7).
 
 For probe i in camera c and every gallery camera g: the probes of camera c within ``tau``
 seconds of i (i included) form a block ``B = score[C_i, gallery of g]``; the pivots are the
@@ -11,6 +11,12 @@ top-K of a block lies within the union of its rows' own top-K, so each row keeps
 top-2K per camera and each probe looks at its window's candidates only. When ties at the
 K-th value could exceed those lists (a row's 2K-th value or the last pivot slot still at
 the threshold), that (probe, camera) is flagged and recomputed exactly: ties always count.
+
+Times stay float32 on the device (no x64), yet only DIFFERENCES of times enter the kernel:
+the host subtracts the earliest time (float64) and splits each gallery time into a float32
+pair ``hi = f32(t)``, ``lo = f32(t - hi)``. ``(hi_j - hi_x) + (lo_j - lo_x)`` then keeps
+float32 relative precision of the difference itself whatever the absolute times (epoch
+stamps ~1.7e9 s are 128 s apart in float32): nearby ``hi`` subtract exactly (Sterbenz).
 """
 
 from __future__ import annotations
@@ -38,11 +44,13 @@ def _windows(cams: np.ndarray, times: np.ndarray, tau: float):
 
 
 @functools.partial(jax.jit, static_argnames=("k", "chunk"))
-def _lift(score, gtime, cam_cols, rows, in_window, *, k, sigma, alpha, chunk):
+def _lift(score, t_hi, t_lo, cam_cols, rows, in_window, *, k, sigma, alpha, chunk):
   """``score [P, G]`` -> (lifted ``[P, G]``, tie-overflow flags ``[C, P]``).
 
-  ``cam_cols [C, Gm]``: gallery columns of each camera, padded with G (out of range);
-  ``rows [P, W]``: the probes of each probe's window (``in_window`` masks the padding).
+  ``t_hi, t_lo [G]``: gallery times relative to the earliest time, as float32 pairs ``hi +
+  lo`` (see the module docstring); ``cam_cols [C, Gm]``: gallery columns of each camera,
+  padded with G (out of range); ``rows [P, W]``: the probes of each probe's window
+  (``in_window`` masks the padding).
   """
   p, w = rows.shape
   g = score.shape[1]
@@ -51,13 +59,15 @@ def _lift(score, gtime, cam_cols, rows, in_window, *, k, sigma, alpha, chunk):
   n_in_window = in_window.sum(axis=1)  # |C_i|
 
   def one_camera(args):
-    s, t, valid = args  # [P, Gm], [Gm], [Gm]
+    s, th, tl, valid = args  # [P, Gm], [Gm], [Gm], [Gm]
     vals, idx = jax.lax.top_k(jnp.where(valid, s, -jnp.inf), kk)  # per-row top-kk [P, kk]
     win_vals = jnp.where(in_window[..., None], vals[rows], -jnp.inf)  # [P, W, kk]
     cand_v = win_vals.reshape(p, w * kk)
-    cand_t = t[idx][rows].reshape(p, w * kk)  # pivot times of the candidates
+    cand_hi = th[idx][rows].reshape(p, w * kk)  # pivot times of the candidates, both parts
+    cand_lo = tl[idx][rows].reshape(p, w * kk)
     top_v, top_i = jax.lax.top_k(cand_v, min(2 * k, w * kk))  # [P, L]
-    top_t = jnp.take_along_axis(cand_t, top_i, axis=1)
+    top_hi = jnp.take_along_axis(cand_hi, top_i, axis=1)
+    top_lo = jnp.take_along_axis(cand_lo, top_i, axis=1)
     entries = n_in_window * valid.sum()  # |B| = |C_i| * |gallery of g|
     thr = jnp.where(entries > k, top_v[:, min(k, top_v.shape[1]) - 1], -jnp.inf)
     pivot = (top_v >= thr[:, None]) & jnp.isfinite(top_v)  # [P, L]
@@ -65,10 +75,14 @@ def _lift(score, gtime, cam_cols, rows, in_window, *, k, sigma, alpha, chunk):
     neg_inv = -1.0 / (sigma * sigma)  # a multiply in the exp: dividing there ran ~6x slower
 
     def weights(x):  # one probe; lax.map vmaps it over chunks, so [chunk, L, Gm] at most
-      tt, pv = x  # [L] pivot times, [L] 0/1
-      return jnp.dot(pv, jnp.exp(jnp.square(tt[:, None] - t[None, :]) * neg_inv))  # [Gm]
+      hi, lo, pv = x  # [L] pivot times (two parts), [L] 0/1
+      # hi parts first: their difference is exact or one rounding of the difference itself;
+      # subtracting whole times (hi + lo) would round them to their float32 spacing first.
+      dt = (hi[:, None] - th[None, :]) + (lo[:, None] - tl[None, :])  # [L, Gm]
+      return jnp.dot(pv, jnp.exp(jnp.square(dt) * neg_inv))  # [Gm]
     pv = pivot.astype(jnp.float32)
-    wgt = jax.lax.map(weights, (top_t, pv), batch_size=chunk) / jnp.sum(pv, axis=1, keepdims=True)
+    wgt = jax.lax.map(weights, (top_hi, top_lo, pv), batch_size=chunk)
+    wgt = wgt / jnp.sum(pv, axis=1, keepdims=True)
     # Could ties at the threshold reach beyond a row's list or the pivot slots? (The rows'
     # last listed values come from win_vals: a separate [P, W] gather of them ran ~8 s.)
     row_overflow = (kk < valid.sum()) & jnp.any(win_vals[..., kk - 1] >= thr[:, None], axis=1)
@@ -78,8 +92,9 @@ def _lift(score, gtime, cam_cols, rows, in_window, *, k, sigma, alpha, chunk):
   for c in range(cam_cols.shape[0]):  # unrolled: cameras are few
     cols = cam_cols[c]
     s_c = jnp.take(score, cols, axis=1, mode="fill", fill_value=-jnp.inf)  # [P, Gm]
-    t_c = jnp.take(gtime, cols, mode="fill", fill_value=0.0)
-    out, flag = one_camera((s_c, t_c, cols < g))
+    th_c = jnp.take(t_hi, cols, mode="fill", fill_value=0.0)
+    tl_c = jnp.take(t_lo, cols, mode="fill", fill_value=0.0)
+    out, flag = one_camera((s_c, th_c, tl_c, cols < g))
     lifted = lifted.at[:, cols].set(out, mode="drop")  # padding columns are dropped
     flags.append(flag)
   return lifted, jnp.stack(flags)
@@ -114,6 +129,10 @@ def temporal_lift(score, query_cams, query_times, gallery_cams, gallery_times,
   if p == 0 or g == 0 or k < 1 or tau <= 0:
     raise ValueError(f"need a non-empty score (got {score.shape}), k >= 1 and tau > 0.")
 
+  # Relative times, in float64 (the tie fallback below uses them too): the float32 pairs then
+  # need no more range than the span of the times, whatever the clock's epoch.
+  origin = min(qt.min(), gt.min())
+  qt, gt = qt - origin, gt - origin
   order, lo, hi = _windows(qc, qt, tau)
   width = int((hi - lo).max())
   pos = np.minimum(lo[:, None] + np.arange(width)[None, :], p - 1)
@@ -124,7 +143,9 @@ def temporal_lift(score, query_cams, query_times, gallery_cams, gallery_times,
   cols = [np.flatnonzero(gc == c) for c in cams]
   gm = max(len(c) for c in cols)
   cam_cols = np.stack([np.pad(c, (0, gm - len(c)), constant_values=g) for c in cols])
-  lifted, overflow = _lift(score, jnp.asarray(gt, jnp.float32), jnp.asarray(cam_cols),
+  gt_hi = gt.astype(np.float32)
+  gt_lo = (gt - gt_hi).astype(np.float32)  # the rest, exact in float64 before rounding
+  lifted, overflow = _lift(score, jnp.asarray(gt_hi), jnp.asarray(gt_lo), jnp.asarray(cam_cols),
                            jnp.asarray(rows), jnp.asarray(in_window), k=k,
                            sigma=float(sigma), alpha=float(alpha), chunk=chunk)
   overflow = np.asarray(overflow)

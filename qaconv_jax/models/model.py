@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
 
+from qaconv_jax.errors import ConfigError
 from qaconv_jax.models.init import torch_default_kernel_init, uniform
 from qaconv_jax.models.norm import BatchNorm
 from qaconv_jax.models.qaconv import DEFAULT_BLOCK, QAConv
@@ -36,7 +37,7 @@ class Neck(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     if self.version not in ("v1", "v2.1"):
-      raise ValueError(f"neck version must be 'v1' or 'v2.1', got {self.version!r}.")
+      raise ConfigError(f"neck version must be 'v1' or 'v2.1', got {self.version!r}.")
     fan_in = 9 * x.shape[-1]
     x = nn.Conv(self.dim, (3, 3), padding=((1, 1), (1, 1)), use_bias=self.version == "v2.1",
                 kernel_init=torch_default_kernel_init, bias_init=uniform(fan_in**-0.5),
@@ -80,7 +81,7 @@ class QAConvModel(nn.Module):
 
   def setup(self):
     if self.input_norm not in ("none", "imagenet"):
-      raise ValueError(f"input_norm must be 'none' or 'imagenet', got {self.input_norm!r}.")
+      raise ConfigError(f"input_norm must be 'none' or 'imagenet', got {self.input_norm!r}.")
     self.backbone = ResNet(depth=self.depth, width=self.width, ibn=self.ibn, dtype=self.dtype)
     self.neck = Neck(dim=self.neck_dim, version=self.neck_version, dtype=self.dtype)
     self.qaconv = (GapCosine() if self.head == "gap" else
@@ -104,7 +105,7 @@ def build_model(cfg: ml_collections.ConfigDict) -> QAConvModel:
   """``config.model`` -> module. Every field is read, none defaulted here."""
   dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
   if cfg.dtype not in dtypes:
-    raise ValueError(f"model.dtype must be one of {sorted(dtypes)}, got {cfg.dtype!r}.")
+    raise ConfigError(f"model.dtype must be one of {sorted(dtypes)}, got {cfg.dtype!r}.")
   block = None if cfg.match_block is None else tuple(cfg.match_block)
   return QAConvModel(depth=cfg.depth, width=cfg.width, ibn=cfg.ibn, neck_dim=cfg.neck_dim,
                      neck_version=cfg.neck_version, head=cfg.head, input_norm=cfg.input_norm,

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from qaconv_jax.errors import ConfigError
 from qaconv_jax.models.init import uniform
 from qaconv_jax.models.norm import BatchNorm
 
@@ -244,7 +245,7 @@ class QAConv(nn.Module):
   @nn.compact
   def __call__(self, probe: jax.Array, gallery: jax.Array, train: bool) -> jax.Array:
     if self.head not in ("v1", "v2"):
-      raise ValueError(f"QAConv head must be 'v1' or 'v2', got {self.head!r}.")
+      raise ConfigError(f"QAConv head must be 'v1' or 'v2', got {self.head!r}.")
     x = match_maxima(probe, gallery, block=self.block)  # [p, g, 2hw]
     hw = x.shape[-1] // 2
     x = BatchNorm(scalar=True, name="bn")(x, train)

@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import jax.numpy as jnp
 from flax import linen as nn
 
+from qaconv_jax.errors import ConfigError
 from qaconv_jax.models.init import resnet_conv_init
 from qaconv_jax.models.norm import IBN, BatchNorm, InstanceNorm
 
@@ -132,11 +133,11 @@ class ResNet(nn.Module):
 
   def _check_attributes(self):
     if self.depth not in ARCHS:
-      raise ValueError(f"ResNet depth must be one of {sorted(ARCHS)}, got {self.depth}.")
+      raise ConfigError(f"ResNet depth must be one of {sorted(ARCHS)}, got {self.depth}.")
     if self.final_stage not in STAGES:
-      raise ValueError(f"final_stage must be one of {STAGES}, got {self.final_stage!r}.")
+      raise ConfigError(f"final_stage must be one of {STAGES}, got {self.final_stage!r}.")
     if self.ibn not in IBN_TYPES:
-      raise ValueError(f"ibn must be one of {IBN_TYPES} (none, IBN-Net-a, IBN-Net-b), "
+      raise ConfigError(f"ibn must be one of {IBN_TYPES} (none, IBN-Net-a, IBN-Net-b), "
                        f"got {self.ibn!r}.")
 
   @nn.compact

@@ -1,4 +1,5 @@
-"""Evaluate a trained checkpoint on the configured test sets (what eval.py runs)."""
+"""eval.py's library: evaluate variables or a checkpoint on every configured test set, print
+the table and write ``<workdir>/eval/`` (one test set at a time: `testset.evaluate_testset`)."""
 
 from __future__ import annotations
 
@@ -11,18 +12,28 @@ import ml_collections
 import numpy as np
 
 from qaconv_jax import checkpoint
+from qaconv_jax.config_checks import check_config
+from qaconv_jax.errors import ConfigError
 from qaconv_jax.data.pipeline import eval_image, materialize_synthetic, open_source
-from qaconv_jax.evaluation.run import evaluate_testset
+from qaconv_jax.evaluation.testset import evaluate_testset
 from qaconv_jax.models.model import QAConvModel, build_model
 from qaconv_jax.models.qaconv import match_maxima_with_indices
 from qaconv_jax.visualize import correspondences, ranking_strip
 
 
-def model_fns(model: QAConvModel, variables: dict):
-  """Jitted ``embed(images)`` and ``match(probe, gallery)`` with the variables passed as
-  arguments (as constants, XLA would try to fold the whole network)."""
+def jit_model_fns(model: QAConvModel):
+  """Jitted ``embed(variables, images)`` and ``match(variables, probe, gallery)``; the
+  variables are arguments (as constants, XLA would try to fold the whole network), so one
+  compilation serves every evaluation of a run."""
   embed = jax.jit(lambda v, x: model.apply(v, x, train=False, method=QAConvModel.embed))
   match = jax.jit(lambda v, p, g: model.apply(v, p, g, train=False, method=QAConvModel.match))
+  return embed, match
+
+
+def model_fns(model: QAConvModel, variables: dict, jitted=None):
+  """``embed(images)`` and ``match(probe, gallery)`` bound to ``variables`` (``jitted``:
+  the pair from `jit_model_fns`, to reuse its compilations)."""
+  embed, match = jitted or jit_model_fns(model)
   return functools.partial(embed, variables), functools.partial(match, variables)
 
 
@@ -64,11 +75,13 @@ def evaluate_variables(config: ml_collections.ConfigDict, workdir: str, variable
   summary, rows = {"step": int(step), "testsets": {}}, []
   for name in [t.strip() for t in config.eval.testsets.split(",") if t.strip()]:
     if name not in config.eval.sources:
-      raise ValueError(f"unknown test set {name!r}; config.eval.sources has "
+      raise ConfigError(f"unknown test set {name!r}; config.eval.sources has "
                        f"{sorted(config.eval.sources)}.")
     src_cfg = materialize_synthetic(config.eval.sources[name], os.path.join(workdir, "data"))
     query, gallery = open_source(src_cfg, "query"), open_source(src_cfg, "gallery")
     result = evaluate_testset(embed, match, query, gallery, config.eval, image_size)
+    for note in result["notes"]:
+      print(f"{name}: {note}", flush=True)
     summary["testsets"][name] = result["results"]
     rows += [(name, m, r) for m, r in result["results"].items()]
     lists = [{"query": query.names[q], "pid": int(query.pids[q]),
@@ -90,6 +103,7 @@ def evaluate_variables(config: ml_collections.ConfigDict, workdir: str, variable
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                         step: int | None = None, visualize: int = 0) -> dict:
   """Restores ``workdir``'s latest (or ``step``) checkpoint and evaluates it."""
+  check_config(config, training=False)
   step, state = checkpoint.restore_latest(workdir, step, model_cfg=config.model.to_dict())
   absent = {"neck", "qaconv"} - set(state["params"])
   if absent:

@@ -1,0 +1,61 @@
+"""Config values are checked before any work, naming the key, the value and the range."""
+
+import glob
+import importlib
+import os
+
+import pytest
+
+from configs.default import get_config
+from qaconv_jax.config_checks import check_config
+from qaconv_jax.errors import ConfigError
+from qaconv_jax.training import train_and_evaluate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("name", sorted(os.path.basename(p)[:-3] for p in
+                                        glob.glob(os.path.join(ROOT, "configs", "*.py"))
+                                        if not p.endswith("base.py")))
+@pytest.mark.parametrize("variant", [None, "tiny"])
+def test_shipped_configs_pass(name, variant):
+  config = importlib.import_module(f"configs.{name}").get_config(variant)
+  check_config(config, training=True)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("checkpoint.every", 0, r"checkpoint.every=0: expected an integer >= 1"),
+    ("checkpoint.every", -5, r"checkpoint.every=-5: expected an integer >= 1"),
+    ("log_every", 0, r"log_every=0: expected an integer >= 1"),
+    ("eval_every", -1, r"eval_every=-1: expected an integer >= 0 \(0 = none\)"),
+    ("checkpoint.keep", 0, r"checkpoint.keep=0: expected an integer >= 1"),
+    ("eval_every", 5, r"eval_every=5: periodic evaluation runs on the validation split, so "
+                      r"set data.val_ids"),
+    ("checkpoint.keep_best", True, r"keep_best=True: selecting a checkpoint needs the "
+                                   r"validation split"),
+    ("data.val_ids", 1.5, r"data.val_ids=1.5: expected 0 \(no validation split\)"),
+    ("eval.lambda_value", 2.0, r"eval.lambda_value=2.0: expected a weight in \[0, 1\]"),
+    ("eval.k1", 0, r"eval.k1=0: expected an integer >= 1"),
+    ("eval.sigma", 0.0, r"eval.sigma=0.0: expected seconds > 0"),
+    ("eval.ap_mode", "auc", r"eval.ap_mode='auc': expected 'step' or 'trapezoid'")])
+def test_bad_values_are_refused_before_training(tmp_path, key, value, message):
+  config = get_config("tiny")
+  *parents, last = key.split(".")
+  target = config
+  for p in parents:
+    target = target[p]
+  target[last] = value
+  with pytest.raises(ConfigError, match=message):
+    train_and_evaluate(config, str(tmp_path))
+  assert not os.listdir(tmp_path)  # nothing was written: it failed first
+
+
+def test_every_problem_is_listed_at_once():
+  config = get_config("tiny")
+  config.log_every = 0
+  config.eval.k2 = 99
+  with pytest.raises(ConfigError, match=r"log_every=0.*; eval.k2=99"):
+    check_config(config, training=True)
+  config.log_every = 1
+  with pytest.raises(ConfigError, match=r"^invalid config: eval.k2=99"):
+    check_config(config, training=False)  # evaluation checks only the eval settings
