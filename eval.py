@@ -13,8 +13,9 @@ from ml_collections import config_flags
 from qaconv_jax import cli
 from qaconv_jax.evaluation.eval_lib import evaluate_checkpoint
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:variant].",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Config file[:variant].", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
 _CHECKPOINT = flags.DEFINE_integer("checkpoint", None, "Step to evaluate (default: latest).")
 _VISUALIZE = flags.DEFINE_integer("visualize", 0, "Write pictures for the first N queries.")

@@ -22,7 +22,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np
-
 from common import machine, table
 
 
@@ -41,12 +40,14 @@ def make_inputs(p: int, g: int, seed: int = 0):
     out = np.empty((len(a), len(b)), np.float32)
     bb = (b * b).sum(1)[None, :]
     for lo in range(0, len(a), 1024):
-      x = a[lo:lo + 1024]
+      x = a[lo : lo + 1024]
       d = (x * x).sum(1)[:, None] + bb - 2 * x @ b.T
-      out[lo:lo + 1024] = np.sqrt(np.maximum(d, 0)) / 8.0
+      out[lo : lo + 1024] = np.sqrt(np.maximum(d, 0)) / 8.0
     return out
-  return dict(qp=qp, gp=gp, qc=qc, gc=gc, qt=qt, gt=gt, qg=dist(xq, xg), qq=dist(xq, xq),
-              gg=dist(xg, xg))
+
+  return dict(
+    qp=qp, gp=gp, qc=qc, gc=gc, qt=qt, gt=gt, qg=dist(xq, xg), qq=dist(xq, xq), gg=dist(xg, xg)
+  )
 
 
 # --- straightforward per-query baselines --------------------------------------------------
@@ -58,7 +59,7 @@ def metrics_loop(x):
     match = x["gp"][order[keep]] == x["qp"][q]
     if match.any():
       hits = np.flatnonzero(match)
-      cmc[hits[0]:] += hits[0] < 100
+      cmc[hits[0] :] += hits[0] < 100
       aps.append(np.mean(np.arange(1, len(hits) + 1) / (hits + 1)))
   return np.mean(aps)
 
@@ -72,8 +73,9 @@ def rerank_dense(x, k1=20, k2=6, lam=0.3):
   v = np.zeros((n, n), np.float32)
 
   def krecip(i, k):
-    fwd = rank[i, :k + 1]
-    return fwd[np.where(rank[fwd, :k + 1] == i)[0]]
+    fwd = rank[i, : k + 1]
+    return fwd[np.where(rank[fwd, : k + 1] == i)[0]]
+
   for i in range(n):
     r = krecip(i, k1)
     exp = r
@@ -106,7 +108,7 @@ def tlift_loop(x, tau=100.0, sigma=200.0, k=10, alpha=0.2):
       block = s[np.ix_(rows, cols)]
       thr = np.sort(block.ravel())[-k] if block.size > k else -np.inf
       piv = x["gt"][cols[np.nonzero(block >= thr)[1]]]
-      w = np.exp(-(piv[:, None] - x["gt"][cols][None]) ** 2 / sigma**2).mean(0)
+      w = np.exp(-((piv[:, None] - x["gt"][cols][None]) ** 2) / sigma**2).mean(0)
       out[i, cols] = (w + alpha) * s[i, cols]
   return out
 
@@ -118,16 +120,19 @@ def run_stage(stage: str, impl: str, small: bool) -> dict:
   t = time.perf_counter()
   if stage == "metrics":
     from qaconv_jax.evaluation.metrics import evaluate_ranking
+
     if impl == "ours":
       evaluate_ranking(x["qg"], x["qp"], x["gp"], x["qc"], x["gc"])
     else:
       metrics_loop(x)
   elif stage == "rerank":
     from qaconv_jax.evaluation.rerank import k_reciprocal_rerank
+
     k_reciprocal_rerank(x["qg"], x["qq"], x["gg"]) if impl == "ours" else rerank_dense(x)
   else:
     if impl == "ours":
       from qaconv_jax.evaluation.tlift import temporal_lift
+
       args = (1.0 - x["qg"], x["qc"], x["qt"], x["gc"], x["gt"])
       temporal_lift(*args).block_until_ready()  # compile
       t = time.perf_counter()
@@ -154,15 +159,36 @@ def main():
   for stage in args.stages.split(","):
     res = {}
     for impl in ("ours", "baseline"):
-      cmd = [sys.executable, __file__, "--child", f"{stage}:{impl}"] + (["--small"] if args.small else [])
+      cmd = [sys.executable, __file__, "--child", f"{stage}:{impl}"]
+      cmd += ["--small"] if args.small else []
       out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
       res[impl] = json.loads(out.strip().splitlines()[-1])
     o, b = res["ours"], res["baseline"]
-    rows.append([stage, f"{o['seconds']:.2f}", f"{b['seconds']:.2f}",
-                 f"{b['seconds'] / o['seconds']:.1f}x", f"{o['peak_gb']:.2f}",
-                 f"{b['peak_gb']:.2f}", f"{o['inputs_gb']:.2f}"])
-  print(table(["stage", "ours s", "per-query s", "speed-up", "ours peak GB",
-               "per-query peak GB", "inputs GB"], rows))
+    rows.append(
+      [
+        stage,
+        f"{o['seconds']:.2f}",
+        f"{b['seconds']:.2f}",
+        f"{b['seconds'] / o['seconds']:.1f}x",
+        f"{o['peak_gb']:.2f}",
+        f"{b['peak_gb']:.2f}",
+        f"{o['inputs_gb']:.2f}",
+      ]
+    )
+  print(
+    table(
+      [
+        "stage",
+        "ours s",
+        "per-query s",
+        "speed-up",
+        "ours peak GB",
+        "per-query peak GB",
+        "inputs GB",
+      ],
+      rows,
+    )
+  )
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench_train import step_time
 from common import machine, table
+
 from configs.market_r50 import get_config
 from qaconv_jax.data.datasets import load_dataset
 from qaconv_jax.data.pipeline import FolderSource, iterate, train_dataset

@@ -19,8 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from common import best_time, machine, table
+
 from qaconv_jax.models.qaconv import match_maxima
 from qaconv_jax.models.resnet import ResNet
 
@@ -49,6 +49,7 @@ def torch_official_style(probe: np.ndarray, gallery: np.ndarray, reps: int):
     with torch.no_grad():
       s = torch.einsum("pcs,gcr->pgsr", p, g)  # [p, g, hw, hw]
       return torch.cat((s.max(dim=2)[0], s.max(dim=3)[0]), dim=-1)
+
   want = match_maxima(probe, gallery, block=None)
   np.testing.assert_allclose(run().numpy(), np.asarray(want), atol=1e-5)
   return best_time(run, reps), torch.__version__
@@ -59,6 +60,7 @@ def memory_loss_step(batch: int, classes: int, reps: int):
   (QAConv v1 head, train mode, memory [C, 24, 8, 128]); and the torch formulation's."""
   from qaconv_jax.losses import focal_memory_loss
   from qaconv_jax.models.qaconv import QAConv
+
   rng = np.random.default_rng(1)
   probe = jnp.asarray(unit_maps(rng, batch))
   memory = jnp.asarray(unit_maps(rng, classes))
@@ -68,9 +70,15 @@ def memory_loss_step(batch: int, classes: int, reps: int):
   variables = head.init(jax.random.key(0), probe[:1], memory[:1], train=False)
 
   def loss(params, x, memory):
-    logits, _ = head.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
-                           memory, train=True, mutable=["batch_stats"])
+    logits, _ = head.apply(
+      {"params": params, "batch_stats": variables["batch_stats"]},
+      x,
+      memory,
+      train=True,
+      mutable=["batch_stats"],
+    )
     return jnp.mean(focal_memory_loss(logits, labels, valid))
+
   step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
   t_jax = best_time(lambda: jax.block_until_ready(step(variables["params"], probe, memory)), reps)
   try:
@@ -93,6 +101,7 @@ def memory_loss_step(batch: int, classes: int, reps: int):
     p_hat = torch.where(target > 0, prob, 1 - prob)
     ce = torch.nn.functional.binary_cross_entropy_with_logits(z, target, reduction="none")
     ((1 - p_hat) ** 2 * ce).sum(1).mean().backward()
+
   return t_jax, best_time(run, reps)
 
 
@@ -121,20 +130,34 @@ def main():
   if torch_res is not None:
     t, version = torch_res
     baseline_pps = 64 * 64 / t
-    rows.append([f"PyTorch {version} einsum+max, one 64x64 block", "-", f"{baseline_pps:,.0f}",
-                 f"{baseline_pps * FLOP_PER_PAIR / 1e9:.0f}",
-                 f"{baseline_pps * FLOP_PER_PAIR / 1e9 / mm_gflops:.2f}"])
+    rows.append(
+      [
+        f"PyTorch {version} einsum+max, one 64x64 block",
+        "-",
+        f"{baseline_pps:,.0f}",
+        f"{baseline_pps * FLOP_PER_PAIR / 1e9:.0f}",
+        f"{baseline_pps * FLOP_PER_PAIR / 1e9 / mm_gflops:.2f}",
+      ]
+    )
   cases = [("one einsum, 64x64 block", None, block64)] + [
-      (f"tiles {b[0]}x{b[1]}, {args.probes}x{args.gallery}", b, (probe, gallery))
-      for b in [(1, 8), (2, 16), (4, 16), (4, 32), (8, 16), (16, 16)]]
+    (f"tiles {b[0]}x{b[1]}, {args.probes}x{args.gallery}", b, (probe, gallery))
+    for b in [(1, 8), (2, 16), (4, 16), (4, 32), (8, 16), (16, 16)]
+  ]
   for name, block, (p, g) in cases:
     fn = jax.jit(lambda x, y, block=block: match_maxima(x, y, block=block))
-    t = best_time(lambda: fn(p, g).block_until_ready(), args.reps)
+    t = best_time(lambda fn=fn, p=p, g=g: fn(p, g).block_until_ready(), args.reps)
     pps = p.shape[0] * g.shape[0] / t
     tile_mb = "-" if block is None else f"{block[0] * block[1] * HW * HW * 4 / 2**20:.1f}"
     vs = f" ({pps / baseline_pps:.2f}x torch)" if baseline_pps else ""
-    rows.append([name, tile_mb, f"{pps:,.0f}{vs}", f"{pps * FLOP_PER_PAIR / 1e9:.0f}",
-                 f"{pps * FLOP_PER_PAIR / 1e9 / mm_gflops:.2f}"])
+    rows.append(
+      [
+        name,
+        tile_mb,
+        f"{pps:,.0f}{vs}",
+        f"{pps * FLOP_PER_PAIR / 1e9:.0f}",
+        f"{pps * FLOP_PER_PAIR / 1e9 / mm_gflops:.2f}",
+      ]
+    )
   print(f"match_maxima at h={H}, w={W}, d={D} ({FLOP_PER_PAIR / 1e6:.1f} MFLOP per pair)")
   print(table(["case", "tile MB", "pairs/s", "GFLOP/s", "vs matmul"], rows))
   if baseline_pps is None:
@@ -142,20 +165,22 @@ def main():
 
   if not args.no_loss:
     t_jax, t_torch = memory_loss_step(32, 751, max(1, args.reps - 1))
-    vs = "" if t_torch is None else f"; PyTorch formulation {t_torch:.2f} s ({t_torch / t_jax:.1f}x)"
-    print(f"\nclass-memory focal loss forward+backward, b=32, C=751, v1 head: "
-          f"{t_jax:.2f} s{vs}")
+    vs = (
+      "" if t_torch is None else f"; PyTorch formulation {t_torch:.2f} s ({t_torch / t_jax:.1f}x)"
+    )
+    print(f"\nclass-memory focal loss forward+backward, b=32, C=751, v1 head: {t_jax:.2f} s{vs}")
 
   if not args.no_resnet:
     model = ResNet(depth=50)
     batch = 16
     x = jnp.asarray(rng.uniform(size=(batch, 384, 128, 3)).astype(np.float32))
-    variables = jax.jit(model.init, static_argnames="train")(jax.random.key(0), x[:1],
-                                                             train=False)
+    variables = jax.jit(model.init, static_argnames="train")(jax.random.key(0), x[:1], train=False)
     fwd = jax.jit(lambda v, x: model.apply(v, x, train=False))
     t = best_time(lambda: fwd(variables, x).block_until_ready(), max(1, args.reps - 1))
-    print(f"\nResNet-50 (to layer3) forward, 384x128, batch {batch}, float32: "
-          f"{batch / t:.1f} images/s ({t * 1e3 / batch:.0f} ms/image)")
+    print(
+      f"\nResNet-50 (to layer3) forward, 384x128, batch {batch}, float32: "
+      f"{batch / t:.1f} images/s ({t * 1e3 / batch:.0f} ms/image)"
+    )
 
 
 if __name__ == "__main__":

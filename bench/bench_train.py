@@ -19,8 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 import numpy as np
-
 from common import machine, table
+
 from configs.market_r50 import get_config
 from qaconv_jax import sharding
 from qaconv_jax.models.model import build_model
@@ -29,22 +29,33 @@ from qaconv_jax.train_state import create_train_state
 from qaconv_jax.train_step import make_train_step
 
 
-def step_time(batch: int = 32, classes: int = 751, depth: int = 50, dtype: str = "float32",
-              steps: int = 3) -> tuple[float, float, float]:
+def step_time(
+  batch: int = 32, classes: int = 751, depth: int = 50, dtype: str = "float32", steps: int = 3
+) -> tuple[float, float, float]:
   """``(best seconds per step, first call seconds, last loss)`` of the jitted train step of
   the market_r50 config (ResNet-``depth``, 384x128) on all local devices."""
   cfg = get_config()
   cfg.model.update(depth=depth, dtype=dtype)
   model = build_model(cfg.model)
   mesh = sharding.make_mesh()
-  state = create_train_state(model, make_optimizer(cfg.optim, 100), jax.random.key(0),
-                             tuple(cfg.data.image_size), classes, cfg.loss)
+  state = create_train_state(
+    model,
+    make_optimizer(cfg.optim, 100),
+    jax.random.key(0),
+    tuple(cfg.data.image_size),
+    classes,
+    cfg.loss,
+  )
   state_sh = sharding.state_shardings(state, mesh)
   state = jax.device_put(state, state_sh)
   rng = np.random.default_rng(0)
   data = sharding.global_batch(
-      {"image": rng.uniform(size=(batch, *cfg.data.image_size, 3)).astype(np.float32),
-       "label": rng.integers(0, classes, batch).astype(np.int32)}, mesh)
+    {
+      "image": rng.uniform(size=(batch, *cfg.data.image_size, 3)).astype(np.float32),
+      "label": rng.integers(0, classes, batch).astype(np.int32),
+    },
+    mesh,
+  )
   step = make_train_step(cfg.loss, state_sh)
   times = []
   for _ in range(steps + 1):  # the first call compiles
@@ -65,10 +76,20 @@ def main():
   args = ap.parse_args()
   print(f"machine: {machine()}\n")
   best, first, loss = step_time(args.batch, args.classes, args.depth, args.dtype, args.steps)
-  print(table(["setup", "s/step (best)", "img/s", "first call (compile+run) s"],
-              [[f"ResNet-{args.depth} QAConv step, 384x128, batch {args.batch}, "
-                f"C={args.classes}, {args.dtype}", f"{best:.2f}", f"{args.batch / best:.2f}",
-                f"{first:.1f}"]]))
+  print(
+    table(
+      ["setup", "s/step (best)", "img/s", "first call (compile+run) s"],
+      [
+        [
+          f"ResNet-{args.depth} QAConv step, 384x128, batch {args.batch}, "
+          f"C={args.classes}, {args.dtype}",
+          f"{best:.2f}",
+          f"{args.batch / best:.2f}",
+          f"{first:.1f}",
+        ]
+      ],
+    )
+  )
   print(f"loss {loss:.4f} (finite: {bool(np.isfinite(loss))})")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 
@@ -18,8 +18,10 @@ def machine() -> str:
   except (OSError, StopIteration):
     pass
   dev = jax.devices()[0]
-  return (f"{cpu}, {os.cpu_count()} cores; jax {jax.__version__} on "
-          f"{dev.platform} ({dev.device_kind}) x{jax.device_count()}")
+  return (
+    f"{cpu}, {os.cpu_count()} cores; jax {jax.__version__} on "
+    f"{dev.platform} ({dev.device_kind}) x{jax.device_count()}"
+  )
 
 
 def best_time(fn: Callable[[], object], reps: int, warmup: int = 1) -> float:

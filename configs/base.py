@@ -9,73 +9,100 @@ def source(dataset="market1501", domain="", ids=0):
   return dict(dataset=dataset, root="", tfds_dir="", synthetic_domain=domain, synthetic_ids=ids)
 
 
-def paper_config(train: str = "market1501", testsets: str = "dukemtmc",
-                 depth: int = 50) -> ml_collections.ConfigDict:
+def paper_config(
+  train: str = "market1501", testsets: str = "dukemtmc", depth: int = 50
+) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.model = ml_collections.ConfigDict(dict(
+  c.model = ml_collections.ConfigDict(
+    dict(
       depth=depth,
-      width=64,               # torchvision's stem width; tiny variants shrink it
-      ibn="",                 # "": plain ResNet; "a" / "b": IBN-Net-a / -b (docs/method.md §1)
+      width=64,  # torchvision's stem width; tiny variants shrink it
+      ibn="",  # "": plain ResNet; "a" / "b": IBN-Net-a / -b (docs/method.md §1)
       neck_dim=128,
-      neck_version="v1",      # "v1": conv + BN; "v2.1": conv with bias, no BN
-      head="v1",              # "v1" Dense(2hw -> 1); "v2" shared Dense(hw -> 1); "gap" baseline
-      input_norm="none",      # official: RGB in [0, 1], no mean/std
-      dtype="float32",        # compute dtype; parameters stay float32
-      match_block=(8, 16),    # (probe, gallery) tile of match_maxima; None = one einsum
-  ))
+      neck_version="v1",  # "v1": conv + BN; "v2.1": conv with bias, no BN
+      head="v1",  # "v1" Dense(2hw -> 1); "v2" shared Dense(hw -> 1); "gap" baseline
+      input_norm="none",  # official: RGB in [0, 1], no mean/std
+      dtype="float32",  # compute dtype; parameters stay float32
+      match_block=(8, 16),  # (probe, gallery) tile of match_maxima; None = one einsum
+    )
+  )
   c.loss = ml_collections.ConfigDict(dict(gamma=2.0, all_valid=True))  # v1.0: all classes count
-  c.optim = ml_collections.ConfigDict(dict(
-      lr=0.01, schedule="step",  # "step" (v1.0), "plateau" (the paper's text) or "constant"
-      decay_epochs=(40,), decay_factor=0.1, momentum=0.9,
-      nesterov=True, weight_decay=5e-4, lr_multipliers=(("^backbone/", 0.1),),
-      plateau_patience=10,    # schedule="plateau": epochs without improvement (PyTorch's default)
-  ))
-  c.data = ml_collections.ConfigDict(dict(
+  c.optim = ml_collections.ConfigDict(
+    dict(
+      lr=0.01,
+      schedule="step",  # "step" (v1.0), "plateau" (the paper's text) or "constant"
+      decay_epochs=(40,),
+      decay_factor=0.1,
+      momentum=0.9,
+      nesterov=True,
+      weight_decay=5e-4,
+      lr_multipliers=(("^backbone/", 0.1),),
+      plateau_patience=10,  # schedule="plateau": epochs without improvement (PyTorch's default)
+    )
+  )
+  c.data = ml_collections.ConfigDict(
+    dict(
       **source(train),
       image_size=(384, 128),
-      batch_size=32,          # global, over all hosts and devices
-      sampler="shuffle",      # "shuffle" (v1.0: shuffled epochs) or "pk" (P x K identities)
-      pk_k=4,                 # K images per identity when sampler == "pk"
-      augment="v1.0",         # "v1.0" flip + occlusion; "v1.2" adds crop/rotate/jitter; "none"
+      batch_size=32,  # global, over all hosts and devices
+      sampler="shuffle",  # "shuffle" (v1.0: shuffled epochs) or "pk" (P x K identities)
+      pk_k=4,  # K images per identity when sampler == "pk"
+      augment="v1.0",  # "v1.0" flip + occlusion; "v1.2" adds crop/rotate/jitter; "none"
       # Validation split held out from the training identities (docs/method.md §5): a count
       # >= 1 or a fraction in (0, 1) of them; 0 = none (the paper trains on every identity).
       val_ids=0.0,
-      val_seed=0,             # which identities and which query images
-  ))
+      val_seed=0,  # which identities and which query images
+    )
+  )
   c.num_epochs = 60
-  c.max_steps = 0             # stop (checkpointing first) after this global step; 0 = none
-  c.init_from = ""            # a workdir, or a dir written by qaconv_jax.convert, to start from
-  c.init_memory = False       # also take init_from's class memory (same training classes)
+  c.max_steps = 0  # stop (checkpointing first) after this global step; 0 = none
+  c.init_from = ""  # a workdir, or a dir written by qaconv_jax.convert, to start from
+  c.init_memory = False  # also take init_from's class memory (same training classes)
   c.log_every = 50
-  c.eval_every = 0            # steps between validation evaluations (needs data.val_ids); 0 = none
+  c.eval_every = 0  # steps between validation evaluations (needs data.val_ids); 0 = none
   # keep_best: also keep the checkpoint of best validation mAP in <workdir>/best/ (needs
   # data.val_ids and eval_every). Test sets are evaluated once, at the end, on the final state.
   c.checkpoint = ml_collections.ConfigDict(dict(every=1000, keep=3, keep_best=False))
-  c.debug_nan_step = -1       # tests: feed a NaN image at this step
-  c.eval = ml_collections.ConfigDict(dict(
-      testsets=testsets,      # comma-separated keys of eval.sources
-      sources=ml_collections.ConfigDict(dict(
-          market1501=source("market1501"), dukemtmc=source("dukemtmc"),
-          msmt17=source("msmt17"), cuhk03_detected=source("cuhk03_detected"),
+  c.debug_nan_step = -1  # tests: feed a NaN image at this step
+  c.eval = ml_collections.ConfigDict(
+    dict(
+      testsets=testsets,  # comma-separated keys of eval.sources
+      sources=ml_collections.ConfigDict(
+        dict(
+          market1501=source("market1501"),
+          dukemtmc=source("dukemtmc"),
+          msmt17=source("msmt17"),
+          cuhk03_detected=source("cuhk03_detected"),
           cuhk03_labeled=source("cuhk03_labeled"),
-          synthetic_a=source(domain="a", ids=500), synthetic_b=source(domain="b", ids=500),
-      )),
+          synthetic_a=source(domain="a", ids=500),
+          synthetic_b=source(domain="b", ids=500),
+        )
+      ),
       batch_size=64,
-      memory_budget_gb=2.0,   # working set of one probe x gallery scoring block
-      rerank=True, k1=20, k2=6, lambda_value=0.3,
-      tlift=True, tau=100.0, sigma=200.0, tlift_k=10, alpha=0.2,
-      ap_mode="step",         # "step" or "trapezoid" (v1.0)
-      topk=10,                # per-query ranked lists written to <workdir>/eval/
-  ))
+      memory_budget_gb=2.0,  # working set of one probe x gallery scoring block
+      rerank=True,
+      k1=20,
+      k2=6,
+      lambda_value=0.3,
+      tlift=True,
+      tau=100.0,
+      sigma=200.0,
+      tlift_k=10,
+      alpha=0.2,
+      ap_mode="step",  # "step" or "trapezoid" (v1.0)
+      topk=10,  # per-query ranked lists written to <workdir>/eval/
+    )
+  )
   return c
 
 
 def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """A few-second CPU variant of any config: small net, small images, synthetic data."""
   c.model.update(depth=18, width=16, neck_dim=32)
-  c.data.update(**source(domain="a", ids=16), image_size=(64, 32), batch_size=16,
-                sampler="pk", pk_k=2)
+  c.data.update(
+    **source(domain="a", ids=16), image_size=(64, 32), batch_size=16, sampler="pk", pk_k=2
+  )
   c.optim.update(lr=0.1, lr_multipliers=(("^backbone/", 0.5),))
   c.num_epochs = 6
   c.log_every = 1

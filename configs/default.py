@@ -15,8 +15,14 @@ from configs.base import paper_config, source, variant
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = paper_config(testsets="synthetic_b", depth=18)
   c.model.update(width=16, neck_dim=32)
-  c.data.update(**source(domain="a", ids=160), image_size=(64, 32), batch_size=32,
-                sampler="pk", pk_k=2, augment="flip")
+  c.data.update(
+    **source(domain="a", ids=160),
+    image_size=(64, 32),
+    batch_size=32,
+    sampler="pk",
+    pk_k=2,
+    augment="flip",
+  )
   c.optim.update(lr=0.1, lr_multipliers=(("^backbone/", 0.5),), decay_epochs=(240,))
   c.num_epochs = 300  # 5 steps per epoch: 1500 steps
   c.log_every = 100

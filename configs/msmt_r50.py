@@ -1,4 +1,5 @@
-"""Paper setup: ResNet-50 trained on msmt17, evaluated on market1501,dukemtmc (v1.0 recipe, 384x128)."""
+"""Paper setup: ResNet-50 trained on msmt17, evaluated on market1501,dukemtmc (v1.0 recipe,
+384x128)."""
 
 import ml_collections
 

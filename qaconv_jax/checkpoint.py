@@ -22,29 +22,40 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
-def manager(workdir: str, max_to_keep: int | None = 3,
-            best_metric: str | None = None) -> ocp.CheckpointManager:
+def manager(
+  workdir: str, max_to_keep: int | None = 3, best_metric: str | None = None
+) -> ocp.CheckpointManager:
   """The checkpoints of ``workdir``: the latest ``max_to_keep``, or with ``best_metric`` the
   ``max_to_keep`` with the highest value of that metric (saved with `save`'s ``metrics``)."""
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
   if best_metric:
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=True, best_fn=lambda m: m[best_metric],
-        best_mode="max", keep_checkpoints_without_metrics=False)
+      max_to_keep=max_to_keep,
+      create=True,
+      best_fn=lambda m: m[best_metric],
+      best_mode="max",
+      keep_checkpoints_without_metrics=False,
+    )
   return ocp.CheckpointManager(
-      checkpoint_dir(workdir), options=options,
-      item_handlers={"state": ocp.StandardCheckpointHandler(),
-                     "meta": ocp.JsonCheckpointHandler()})
+    checkpoint_dir(workdir),
+    options=options,
+    item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
+  )
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict,
-         metrics: dict | None = None) -> None:
+def save(
+  mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict, metrics: dict | None = None
+) -> None:
   """Saves ``state`` (a pytree, e.g. the TrainState) and JSON ``meta`` at ``step``; Orbax
   writes to a temporary folder and renames it, so a crash never leaves a half checkpoint.
   ``metrics`` rank the checkpoint in a ``best_metric`` manager."""
-  mngr.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(serialization.to_state_dict(state)),
-      meta=ocp.args.JsonSave(meta)), metrics=metrics)
+  mngr.save(
+    step,
+    args=ocp.args.Composite(
+      state=ocp.args.StandardSave(serialization.to_state_dict(state)), meta=ocp.args.JsonSave(meta)
+    ),
+    metrics=metrics,
+  )
 
 
 def best_value(mngr: ocp.CheckpointManager, metric: str) -> float | None:
@@ -55,8 +66,9 @@ def best_value(mngr: ocp.CheckpointManager, metric: str) -> float | None:
   return None if step is None else float(mngr.metrics(step)[metric])
 
 
-def restore_latest(workdir: str, step: int | None = None, target: Any = None,
-                   model_cfg: dict | None = None) -> tuple[int, Any]:
+def restore_latest(
+  workdir: str, step: int | None = None, target: Any = None, model_cfg: dict | None = None
+) -> tuple[int, Any]:
   """``(step, state)`` of the latest (or the given) checkpoint under ``workdir``.
 
   See `restore_with_meta` for the arguments.
@@ -65,9 +77,13 @@ def restore_latest(workdir: str, step: int | None = None, target: Any = None,
   return step, state
 
 
-def restore_with_meta(workdir: str, step: int | None = None, target: Any = None,
-                      model_cfg: dict | None = None,
-                      same: dict | None = None) -> tuple[int, Any, dict]:
+def restore_with_meta(
+  workdir: str,
+  step: int | None = None,
+  target: Any = None,
+  model_cfg: dict | None = None,
+  same: dict | None = None,
+) -> tuple[int, Any, dict]:
   """``(step, state, meta)`` of the latest (or the given) checkpoint under ``workdir``.
 
   Without ``target`` the state comes back as nested dicts of arrays (enough to evaluate);
@@ -89,8 +105,9 @@ def _restore(mngr, workdir, step, target, model_cfg, same):
   if step is None:
     step = mngr.latest_step()
   elif step not in steps:
-    raise CheckpointNotFound(f"no checkpoint for step {step} under {checkpoint_dir(workdir)}; "
-                            f"available: {sorted(steps)}.")
+    raise CheckpointNotFound(
+      f"no checkpoint for step {step} under {checkpoint_dir(workdir)}; available: {sorted(steps)}."
+    )
   meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
   if model_cfg is not None:
     check_model_config(meta, model_cfg)
@@ -100,10 +117,12 @@ def _restore(mngr, workdir, step, target, model_cfg, same):
     # evaluated on one accelerator).
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     tree = mngr.item_metadata(step)["state"]
-    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                            tree, is_leaf=lambda m: hasattr(m, "shape"))
-    restored = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract)))
+    abstract = jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+      tree,
+      is_leaf=lambda m: hasattr(m, "shape"),
+    )
+    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
     return step, restored["state"], meta
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, serialization.to_state_dict(target))
   restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
@@ -119,11 +138,13 @@ def check_model_config(meta: dict, model_cfg: dict) -> None:
   """
   saved = meta.get("model", {})
   keys = sorted(saved)
-  diff = [f"{k}: checkpoint {saved[k]!r} vs config {model_cfg.get(k)!r}"
-          for k in keys if _plain(saved[k]) != _plain(model_cfg.get(k))]
+  diff = [
+    f"{k}: checkpoint {saved[k]!r} vs config {model_cfg.get(k)!r}"
+    for k in keys
+    if _plain(saved[k]) != _plain(model_cfg.get(k))
+  ]
   if diff:
-    raise CheckpointMismatch("the checkpoint was written for a different model: " +
-                             "; ".join(diff))
+    raise CheckpointMismatch("the checkpoint was written for a different model: " + "; ".join(diff))
 
 
 def _check_same_run(meta: dict, same: dict, workdir: str) -> None:
@@ -133,15 +154,19 @@ def _check_same_run(meta: dict, same: dict, workdir: str) -> None:
   for key, want in same.items():
     saved = meta.get(key)
     if isinstance(want, dict) and isinstance(saved, dict):
-      diff += [f"{key}.{k}: checkpoint {saved[k]!r} vs this run {v!r}" for k, v in want.items()
-               if k in saved and _plain(saved[k]) != _plain(v)]
+      diff += [
+        f"{key}.{k}: checkpoint {saved[k]!r} vs this run {v!r}"
+        for k, v in want.items()
+        if k in saved and _plain(saved[k]) != _plain(v)
+      ]
     elif key in meta and _plain(saved) != _plain(want):
       diff.append(f"{key}: checkpoint {saved!r} vs this run {want!r}")
   if diff:
     raise CheckpointMismatch(
-        f"{checkpoint_dir(workdir)} belongs to a run with other settings, so resuming it here "
-        "would not continue that run: " + "; ".join(diff) + ". Use the original settings or "
-        "another workdir.")
+      f"{checkpoint_dir(workdir)} belongs to a run with other settings, so resuming it here "
+      "would not continue that run: " + "; ".join(diff) + ". Use the original settings or "
+      "another workdir."
+    )
 
 
 def _plain(v):
@@ -165,8 +190,9 @@ def init_from(state: Any, source_dir: str, model_cfg: dict, with_memory: bool = 
   taken = []
   for name in saved["params"]:
     if name not in params:
-      raise CheckpointMismatch(f"{source_dir} holds a module '{name}' this model lacks; "
-                               f"the model has {sorted(params)}.")
+      raise CheckpointMismatch(
+        f"{source_dir} holds a module '{name}' this model lacks; the model has {sorted(params)}."
+      )
     _check_same(f"params/{name}", saved["params"][name], params[name])
     params[name] = saved["params"][name]
     if name in stats or name in saved_stats:
@@ -183,9 +209,11 @@ def init_from(state: Any, source_dir: str, model_cfg: dict, with_memory: bool = 
       raise CheckpointMismatch(f"init_memory is set but {source_dir} holds no class memory.")
     memory, valid = saved["class_memory"], saved["memory_valid"]
     if memory.shape != state.class_memory.shape:
-      raise CheckpointMismatch(f"the class memory of {source_dir} is {list(memory.shape)} "
-                               f"but this run needs {list(state.class_memory.shape)} "
-                               "(classes, h, w, d).")
+      raise CheckpointMismatch(
+        f"the class memory of {source_dir} is {list(memory.shape)} "
+        f"but this run needs {list(state.class_memory.shape)} "
+        "(classes, h, w, d)."
+      )
     state = state.replace(class_memory=memory, memory_valid=valid.astype(bool))
     lines.append(f"class memory from {source_dir}: {int(valid.sum())}/{len(valid)} valid")
   return state, lines
@@ -197,8 +225,10 @@ def _check_same(where: str, saved: Any, fresh: Any) -> None:
   flat_fresh = traverse_util.flatten_dict(fresh, sep="/")
   problems = [f"missing {k}" for k in sorted(set(flat_fresh) - set(flat_saved))]
   problems += [f"unexpected {k}" for k in sorted(set(flat_saved) - set(flat_fresh))]
-  problems += [f"{k}: checkpoint {list(flat_saved[k].shape)} vs model "
-               f"{list(flat_fresh[k].shape)}" for k in sorted(set(flat_saved) & set(flat_fresh))
-               if tuple(flat_saved[k].shape) != tuple(flat_fresh[k].shape)]
+  problems += [
+    f"{k}: checkpoint {list(flat_saved[k].shape)} vs model {list(flat_fresh[k].shape)}"
+    for k in sorted(set(flat_saved) & set(flat_fresh))
+    if tuple(flat_saved[k].shape) != tuple(flat_fresh[k].shape)
+  ]
   if problems:
     raise CheckpointMismatch(f"{where} does not fit the model: " + "; ".join(problems))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from absl import app, flags
 from absl import logging as absl_logging
@@ -50,9 +50,11 @@ def run_plain(main: Callable[[list[str]], object]) -> None:
 
 def run(main: Callable[[list[str]], object]) -> None:
   """``absl.app.run(main)`` with quiet library logs and one-line errors (module docstring)."""
+
   def wrapped(argv):
     if not flags.FLAGS["verbosity"].present:
       quiet_library_logs()
     with user_errors(_DEBUG.value):
       return main(argv)
+
   app.run(wrapped)

@@ -18,13 +18,14 @@ def eval_problems(cfg: ml_collections.ConfigDict) -> list[str]:
   """Problems of ``config.eval`` (empty when it is usable)."""
   out = []
   for key, value, ok, expected in (
-      ("batch_size", cfg.batch_size, _is_count(cfg.batch_size, 1), "an integer >= 1"),
-      ("memory_budget_gb", cfg.memory_budget_gb, cfg.memory_budget_gb > 0, "> 0"),
-      ("topk", cfg.topk, _is_count(cfg.topk, 1), "an integer >= 1"),
-      ("ap_mode", cfg.ap_mode, cfg.ap_mode in ("step", "trapezoid"), "'step' or 'trapezoid'"),
-      ("tau", cfg.tau, cfg.tau > 0, "seconds > 0"),
-      ("sigma", cfg.sigma, cfg.sigma > 0, "seconds > 0"),
-      ("tlift_k", cfg.tlift_k, _is_count(cfg.tlift_k, 1), "an integer >= 1")):
+    ("batch_size", cfg.batch_size, _is_count(cfg.batch_size, 1), "an integer >= 1"),
+    ("memory_budget_gb", cfg.memory_budget_gb, cfg.memory_budget_gb > 0, "> 0"),
+    ("topk", cfg.topk, _is_count(cfg.topk, 1), "an integer >= 1"),
+    ("ap_mode", cfg.ap_mode, cfg.ap_mode in ("step", "trapezoid"), "'step' or 'trapezoid'"),
+    ("tau", cfg.tau, cfg.tau > 0, "seconds > 0"),
+    ("sigma", cfg.sigma, cfg.sigma > 0, "seconds > 0"),
+    ("tlift_k", cfg.tlift_k, _is_count(cfg.tlift_k, 1), "an integer >= 1"),
+  ):
     if not ok:
       out.append(f"eval.{key}={value!r}: expected {expected}")
   try:
@@ -37,27 +38,35 @@ def eval_problems(cfg: ml_collections.ConfigDict) -> list[str]:
 def train_problems(config: ml_collections.ConfigDict) -> list[str]:
   """Problems of the training settings (empty when they are usable)."""
   out = []
-  for key, value, minimum in (("num_epochs", config.num_epochs, 1),
-                              ("max_steps", config.max_steps, 0),
-                              ("log_every", config.log_every, 1),
-                              ("eval_every", config.eval_every, 0),
-                              ("checkpoint.every", config.checkpoint.every, 1),
-                              ("checkpoint.keep", config.checkpoint.keep, 1),
-                              ("data.batch_size", config.data.batch_size, 1)):
+  for key, value, minimum in (
+    ("num_epochs", config.num_epochs, 1),
+    ("max_steps", config.max_steps, 0),
+    ("log_every", config.log_every, 1),
+    ("eval_every", config.eval_every, 0),
+    ("checkpoint.every", config.checkpoint.every, 1),
+    ("checkpoint.keep", config.checkpoint.keep, 1),
+    ("data.batch_size", config.data.batch_size, 1),
+  ):
     if not _is_count(value, minimum):
-      out.append(f"{key}={value!r}: expected an integer >= {minimum}" +
-                 (" (0 = none)" if minimum == 0 else ""))
+      out.append(
+        f"{key}={value!r}: expected an integer >= {minimum}"
+        + (" (0 = none)" if minimum == 0 else "")
+      )
   val_ids = config.data.val_ids
   try:
     check_val_ids(val_ids)
   except ConfigError as e:
     out.append(str(e).rstrip("."))
   if config.eval_every and not val_ids:
-    out.append(f"eval_every={config.eval_every}: periodic evaluation runs on the validation "
-               "split, so set data.val_ids (test sets are evaluated once, at the end)")
+    out.append(
+      f"eval_every={config.eval_every}: periodic evaluation runs on the validation "
+      "split, so set data.val_ids (test sets are evaluated once, at the end)"
+    )
   if config.checkpoint.keep_best and not (val_ids and config.eval_every):
-    out.append("checkpoint.keep_best=True: selecting a checkpoint needs the validation split "
-               "(data.val_ids) and eval_every > 0; a test set is never used to select one")
+    out.append(
+      "checkpoint.keep_best=True: selecting a checkpoint needs the validation split "
+      "(data.val_ids) and eval_every > 0; a test set is never used to select one"
+    )
   return out
 
 

@@ -41,8 +41,15 @@ from qaconv_jax.models.model import QAConvModel
 from qaconv_jax.models.resnet import ARCHS, ResNet, torchvision_key
 from qaconv_jax.torch_files import ConversionError, read_state_dict
 
-__all__ = ["Conversion", "ConversionError", "convert", "read_state_dict", "torch_name",
-           "write", "main"]
+__all__ = [
+  "Conversion",
+  "ConversionError",
+  "convert",
+  "read_state_dict",
+  "torch_name",
+  "write",
+  "main",
+]
 
 STRIDE = 16  # QAConv's maps come from layer3
 
@@ -56,6 +63,7 @@ class Conversion:
   "batch_stats"}`` nested dicts of float32 arrays. ``class_memory [C, h, w, d]`` and
   ``memory_valid [C]`` when the file has a class memory. ``report``: one line per decision.
   """
+
   kind: str
   model: dict
   variables: dict
@@ -69,6 +77,7 @@ class Conversion:
 @dataclasses.dataclass(frozen=True)
 class Layout:
   """Where each part of the model lives in the flat dict (prefixes of PyTorch keys)."""
+
   backbone: str
   neck: str | None = None
   head: str | None = None
@@ -77,20 +86,27 @@ class Layout:
 
 def detect_layout(flat: Mapping[str, np.ndarray]) -> tuple[str, Layout]:
   if any(k.startswith("model/") for k in flat):
-    head = ("criterion/matcher." if any(k.startswith("criterion/matcher.") for k in flat)
-            else "criterion/")
+    head = (
+      "criterion/matcher."
+      if any(k.startswith("criterion/matcher.") for k in flat)
+      else "criterion/"
+    )
     has_head = f"{head}fc.weight" in flat
     return "official QAConv checkpoint", Layout(
-        "model/base.", "model/neck_", head if has_head else None,
-        "criterion/" if "criterion/class_memory" in flat else None)
+      "model/base.",
+      "model/neck_",
+      head if has_head else None,
+      "criterion/" if "criterion/class_memory" in flat else None,
+    )
   if "base.conv1.weight" in flat:
     return "official QAConv model state_dict", Layout("base.", "neck_")
   if "conv1.weight" in flat:
     return "ImageNet backbone", Layout("")
   raise ConversionError(
-      "unrecognised state_dict: no 'conv1.weight' (torchvision / IBN-Net ResNet), "
-      "'base.conv1.weight' (QAConv model) or 'model/...' sections (QAConv checkpoint); "
-      f"first keys: {sorted(flat)[:6]}.")
+    "unrecognised state_dict: no 'conv1.weight' (torchvision / IBN-Net ResNet), "
+    "'base.conv1.weight' (QAConv model) or 'model/...' sections (QAConv checkpoint); "
+    f"first keys: {sorted(flat)[:6]}."
+  )
 
 
 def torch_name(collection: str, path: tuple[str, ...], layout: Layout) -> str:
@@ -120,7 +136,8 @@ def _to_flax(leaf: str, value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray
     value = value.transpose(2, 3, 1, 0)
   elif leaf == "kernel" and value.ndim == 2:
     value = value.T
-  return np.array(value.reshape(shape), dtype=np.float32, order="C")  # (ascontiguousarray makes 0-d arrays 1-d)
+  # np.array, not ascontiguousarray: the latter makes 0-d arrays 1-d.
+  return np.array(value.reshape(shape), dtype=np.float32, order="C")
 
 
 # ----------------------------------------------------------------------------- architecture
@@ -137,9 +154,11 @@ def infer_backbone(flat: Mapping[str, np.ndarray], prefix: str) -> dict:
   kind = "bottleneck" if f"{prefix}layer1.0.conv3.weight" in flat else "basic"
   depths = [d for d, (k, c) in ARCHS.items() if k == kind and c[:3] == found]
   if not depths:
-    raise ConversionError(f"{kind} blocks per stage {found} (layer1-3 under '{prefix}') match "
-                          f"no ResNet depth; known: "
-                          f"{ {d: c[:3] for d, (_, c) in ARCHS.items()} }.")
+    raise ConversionError(
+      f"{kind} blocks per stage {found} (layer1-3 under '{prefix}') match "
+      f"no ResNet depth; known: "
+      f"{ {d: c[:3] for d, (_, c) in ARCHS.items()} }."
+    )
   ibn_a = f"{prefix}layer1.0.bn1.IN.weight" in flat
   ibn_b = any(re.match(rf"{re.escape(prefix)}layer[12]\.\d+\.IN\.weight$", k) for k in flat)
   if ibn_a and ibn_b:
@@ -160,16 +179,19 @@ def infer_model(flat, layout: Layout, image_size: tuple[int, int]) -> dict:
     return model
   conv = flat.get(f"{layout.neck}conv.weight")
   if conv is None:
-    raise ConversionError(f"no '{layout.neck}conv.weight': checkpoints without a neck "
-                          "are not supported (QAConv's neck is part of every release).")
+    raise ConversionError(
+      f"no '{layout.neck}conv.weight': checkpoints without a neck "
+      "are not supported (QAConv's neck is part of every release)."
+    )
   model["neck_dim"] = int(conv.shape[0])
   if f"{layout.neck}bn.weight" in flat:
     model["neck_version"] = "v1"
   elif f"{layout.neck}conv.bias" in flat:
     model["neck_version"] = "v2.1"
   else:
-    raise ConversionError(f"neither '{layout.neck}bn.*' (neck v1) nor '{layout.neck}conv.bias'"
-                          " (neck v2.1) is present.")
+    raise ConversionError(
+      f"neither '{layout.neck}bn.*' (neck v1) nor '{layout.neck}conv.bias' (neck v2.1) is present."
+    )
   if layout.head is None:
     return model
   h, w = _map_size(flat, layout, image_size)
@@ -177,8 +199,9 @@ def infer_model(flat, layout: Layout, image_size: tuple[int, int]) -> dict:
   model["head"] = {2 * h * w: "v1", h * w: "v2"}.get(int(fc.shape[-1]))
   if model["head"] is None:
     raise ConversionError(
-        f"'{layout.head}fc.weight' has {fc.shape[-1]} inputs, but a {h}x{w} map needs "
-        f"{2 * h * w} (v1 head) or {h * w} (v2 head); give the training --image_size.")
+      f"'{layout.head}fc.weight' has {fc.shape[-1]} inputs, but a {h}x{w} map needs "
+      f"{2 * h * w} (v1 head) or {h * w} (v2 head); give the training --image_size."
+    )
   return model
 
 
@@ -190,9 +213,14 @@ def _template(model: dict, map_hw: tuple[int, int]) -> dict:
     net = ResNet(depth=model["depth"], width=model["width"], ibn=model["ibn"])
     shapes = jax.eval_shape(lambda: net.init(key, image, train=False))
     return {c: {"backbone": shapes[c]} for c in ("params", "batch_stats")}
-  net = QAConvModel(depth=model["depth"], width=model["width"], ibn=model["ibn"],
-                    neck_dim=model["neck_dim"], neck_version=model["neck_version"],
-                    head=model.get("head", "v1"))
+  net = QAConvModel(
+    depth=model["depth"],
+    width=model["width"],
+    ibn=model["ibn"],
+    neck_dim=model["neck_dim"],
+    neck_version=model["neck_version"],
+    head=model.get("head", "v1"),
+  )
   shapes = jax.eval_shape(lambda: net.init(key, image, train=False))
   if "head" not in model:  # a model state_dict alone: no matcher to convert
     return {c: {k: v for k, v in shapes[c].items() if k != "qaconv"} for c in shapes}
@@ -200,8 +228,11 @@ def _template(model: dict, map_hw: tuple[int, int]) -> dict:
 
 
 # ----------------------------------------------------------------------------- conversion
-def convert(flat: Mapping[str, np.ndarray], image_size: tuple[int, int] = (384, 128),
-            notes: list[str] | None = None) -> Conversion:
+def convert(
+  flat: Mapping[str, np.ndarray],
+  image_size: tuple[int, int] = (384, 128),
+  notes: list[str] | None = None,
+) -> Conversion:
   """Converts a flat PyTorch state (see `read_state_dict`) to our variables.
 
   ``image_size`` (H, W) fixes the map size, and so the v1/v2 head's input width, when the
@@ -236,20 +267,30 @@ def convert(flat: Mapping[str, np.ndarray], image_size: tuple[int, int] = (384, 
   conv.image_size = (map_hw[0] * STRIDE, map_hw[1] * STRIDE)
   unexpected = _classify_leftovers(flat, used, layout, conv.report)
   if missing or misshaped or unexpected:
-    parts = [f"{title} ({len(keys)}): " + "; ".join(keys) for title, keys in
-             (("missing", missing), ("mis-shaped", misshaped), ("unexpected", unexpected)) if keys]
+    parts = [
+      f"{title} ({len(keys)}): " + "; ".join(keys)
+      for title, keys in (
+        ("missing", missing),
+        ("mis-shaped", misshaped),
+        ("unexpected", unexpected),
+      )
+      if keys
+    ]
     raise ConversionError(f"the {kind} does not fit a {_describe(model)}: " + " | ".join(parts))
   n = sum(v.size for c in variables.values() for v in traverse_util.flatten_dict(c).values())
-  conv.report.insert(0, f"converted {len(used)} tensors ({n:,} values) from the {kind}: "
-                        f"{_describe(model)}")
+  conv.report.insert(
+    0, f"converted {len(used)} tensors ({n:,} values) from the {kind}: {_describe(model)}"
+  )
   return conv
 
 
 def _strip_data_parallel(flat: dict) -> dict:
   """``nn.DataParallel`` state_dicts prefix every key with ``module.``; drop it."""
+
   def strip(k):
     head, sep, tail = k.rpartition("/")
-    return head + sep + tail[len("module."):] if tail.startswith("module.") else k
+    return head + sep + tail[len("module.") :] if tail.startswith("module.") else k
+
   return {strip(k): v for k, v in flat.items()}
 
 
@@ -269,8 +310,9 @@ def _convert_memory(flat, layout, model, map_hw, conv, used, misshaped) -> None:
   else:
     used.add(f"{layout.memory}valid_class")
     conv.memory_valid = np.asarray(valid).reshape(-1) > 0.5
-    conv.report.append(f"class memory: {memory.shape[0]} classes, "
-                       f"{int(conv.memory_valid.sum())} valid")
+    conv.report.append(
+      f"class memory: {memory.shape[0]} classes, {int(conv.memory_valid.sum())} valid"
+    )
 
 
 _UNUSED_STAGE4 = "layer4 and the ImageNet classifier fc (unused: QAConv stops at layer3)"
@@ -310,12 +352,20 @@ def write(conv: Conversion, out_dir: str, source: str) -> str:
   """Writes ``conv`` as ``out_dir/checkpoints/0`` (the layout `checkpoint.restore_latest`
   and ``config.init_from`` read). Refuses a folder that already holds checkpoints."""
   if os.path.isdir(checkpoint.checkpoint_dir(out_dir)) and os.listdir(
-      checkpoint.checkpoint_dir(out_dir)):
-    raise OutputExists(f"{checkpoint.checkpoint_dir(out_dir)} already holds checkpoints; "
-                          "convert into an empty folder.")
+    checkpoint.checkpoint_dir(out_dir)
+  ):
+    raise OutputExists(
+      f"{checkpoint.checkpoint_dir(out_dir)} already holds checkpoints; "
+      "convert into an empty folder."
+    )
   state = dict(conv.variables)
-  meta = {"model": conv.model, "converted_from": os.path.abspath(source), "kind": conv.kind,
-          "image_size": list(conv.image_size), "report": conv.report}
+  meta = {
+    "model": conv.model,
+    "converted_from": os.path.abspath(source),
+    "kind": conv.kind,
+    "image_size": list(conv.image_size),
+    "report": conv.report,
+  }
   if conv.class_memory is not None:
     state.update(class_memory=conv.class_memory, memory_valid=conv.memory_valid)
     meta["num_classes"] = int(conv.class_memory.shape[0])
@@ -330,12 +380,19 @@ def write(conv: Conversion, out_dir: str, source: str) -> str:
 
 def main(argv: list[str] | None = None) -> Conversion:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--from", dest="source", required=True,
-                  help="a .pth / .pth.tar (needs torch) or .npz state_dict or checkpoint")
+  ap.add_argument(
+    "--from",
+    dest="source",
+    required=True,
+    help="a .pth / .pth.tar (needs torch) or .npz state_dict or checkpoint",
+  )
   ap.add_argument("--to", dest="out_dir", required=True, help="output folder (empty)")
-  ap.add_argument("--image_size", default="384,128",
-                  help="H,W the checkpoint was trained at; only read when the file has no "
-                       "class memory and a QAConv head (it fixes the head's input width)")
+  ap.add_argument(
+    "--image_size",
+    default="384,128",
+    help="H,W the checkpoint was trained at; only read when the file has no "
+    "class memory and a QAConv head (it fixes the head's input width)",
+  )
   args = ap.parse_args(argv)
   try:
     image_size = tuple(int(v) for v in args.image_size.split(","))
@@ -346,15 +403,20 @@ def main(argv: list[str] | None = None) -> Conversion:
   conv = convert(flat, image_size, notes)
   where = write(conv, args.out_dir, args.source)
   print("\n".join(conv.report + [f"wrote {where}/0"]))
-  settings = " ".join(f"--config.model.{k}={v!r}" if isinstance(v, str) else
-                      f"--config.model.{k}={v}" for k, v in conv.model.items())
+  settings = " ".join(
+    f"--config.model.{k}={v!r}" if isinstance(v, str) else f"--config.model.{k}={v}"
+    for k, v in conv.model.items()
+  )
   if "head" in conv.model:
     print(f"evaluate: python eval.py --config CONFIG --workdir {args.out_dir} {settings}")
-  print(f"train from it: python train.py --config CONFIG --workdir WORKDIR "
-        f"--config.init_from={args.out_dir} {settings}")
+  print(
+    f"train from it: python train.py --config CONFIG --workdir WORKDIR "
+    f"--config.init_from={args.out_dir} {settings}"
+  )
   return conv
 
 
 if __name__ == "__main__":
   from qaconv_jax import cli
+
   cli.run_plain(main)

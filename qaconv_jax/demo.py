@@ -37,11 +37,13 @@ def main(argv):
   print("\n=== cross-domain: trained on synthetic a, tested on synthetic b ===")
   print(f"{'model':<22}{'method':<18}{'rank-1':>8}{'mAP':>8}{'minutes':>9}")
   for name, (testsets, seconds) in runs.items():
-    for testset, methods in testsets.items():
+    for methods in testsets.values():
       for method, r in methods.items():
         label = method.replace("QAConv", "") or "plain"
-        print(f"{name:<22}{label.lstrip('+') or 'plain':<18}{r['rank1']:8.1f}{r['mAP']:8.1f}"
-              f"{seconds / 60:9.1f}")
+        print(
+          f"{name:<22}{label.lstrip('+') or 'plain':<18}{r['rank1']:8.1f}{r['mAP']:8.1f}"
+          f"{seconds / 60:9.1f}"
+        )
 
 
 if __name__ == "__main__":

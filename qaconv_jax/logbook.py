@@ -37,6 +37,7 @@ class Logbook:
     self.writer = None
     if self.main:
       from tensorboardX import SummaryWriter
+
       self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
       self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
@@ -58,10 +59,16 @@ class Logbook:
     self.writer.flush()
     if kind == "train":
       epoch = step / max(1, self.per_epoch)
-      speed = (f"  {values['img_per_s']:7.1f} img/s  ETA {_duration(values['eta_s'])}"
-               if "img_per_s" in values else "")
-      print(f"step {step:6d}/{self.total}  epoch {epoch:6.2f}  loss {values['loss']:.4f}  "
-            f"acc {values['accuracy']:.3f}  lr {values['lr']:.2e}{speed}", flush=True)
+      speed = (
+        f"  {values['img_per_s']:7.1f} img/s  ETA {_duration(values['eta_s'])}"
+        if "img_per_s" in values
+        else ""
+      )
+      print(
+        f"step {step:6d}/{self.total}  epoch {epoch:6.2f}  loss {values['loss']:.4f}  "
+        f"acc {values['accuracy']:.3f}  lr {values['lr']:.2e}{speed}",
+        flush=True,
+      )
 
   def restart_clock(self) -> None:
     """Leave time spent outside training (evaluation) out of the next img/s and ETA."""

@@ -6,8 +6,9 @@ import jax
 import jax.numpy as jnp
 
 
-def focal_memory_loss(logits: jax.Array, labels: jax.Array, valid: jax.Array,
-                      gamma: float = 2.0) -> jax.Array:
+def focal_memory_loss(
+  logits: jax.Array, labels: jax.Array, valid: jax.Array, gamma: float = 2.0
+) -> jax.Array:
   """Focal binary cross-entropy of a batch against the class memory.
 
   Args:
@@ -22,8 +23,10 @@ def focal_memory_loss(logits: jax.Array, labels: jax.Array, valid: jax.Array,
     focal weight is differentiated through, as in the official code.
   """
   if logits.ndim != 2 or labels.shape != (logits.shape[0],) or valid.shape != (logits.shape[1],):
-    raise ValueError("focal_memory_loss expects logits [b, C], labels [b], valid [C]; got "
-                     f"{logits.shape}, {labels.shape}, {valid.shape}.")
+    raise ValueError(
+      "focal_memory_loss expects logits [b, C], labels [b], valid [C]; got "
+      f"{logits.shape}, {labels.shape}, {valid.shape}."
+    )
   z = logits.astype(jnp.float32)
   positive = labels[:, None] == jnp.arange(z.shape[1])[None, :]  # [b, C]
   signed = jnp.where(positive, z, -z)  # p_hat = sigmoid(signed)

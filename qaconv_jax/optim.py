@@ -9,7 +9,8 @@ for step. The backbone gets a fraction of the new layers' rate via path regexes.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import ml_collections
@@ -35,8 +36,9 @@ def lr_schedule(cfg: ml_collections.ConfigDict, steps_per_epoch: int) -> Callabl
   if cfg.schedule == "step":
     boundaries = {int(e * steps_per_epoch): cfg.decay_factor for e in cfg.decay_epochs}
     return optax.piecewise_constant_schedule(cfg.lr, boundaries)
-  raise ConfigError("optim.schedule must be 'step', 'constant' or 'plateau', got "
-                   f"{cfg.schedule!r}.")
+  raise ConfigError(
+    f"optim.schedule must be 'step', 'constant' or 'plateau', got {cfg.schedule!r}."
+  )
 
 
 def group_labels(params: Any, multipliers: dict[str, float]) -> Any:
@@ -50,11 +52,13 @@ def group_labels(params: Any, multipliers: dict[str, float]) -> Any:
       if pattern.search(name):
         return rx
     return "default"
+
   return jax.tree_util.tree_map_with_path(label, params)
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict,
-                   steps_per_epoch: int) -> optax.GradientTransformation:
+def make_optimizer(
+  cfg: ml_collections.ConfigDict, steps_per_epoch: int
+) -> optax.GradientTransformation:
   """``config.optim`` -> SGD(momentum, nesterov, wd before momentum) with lr groups.
 
   ``cfg.lr_multipliers`` maps a path regex (e.g. ``"^backbone/"``) to a factor of the
@@ -67,19 +71,24 @@ def make_optimizer(cfg: ml_collections.ConfigDict,
   def sgd_groups(learning_rate):
     def sgd(factor: float) -> optax.GradientTransformation:
       return optax.chain(
-          optax.add_decayed_weights(cfg.weight_decay),
-          optax.trace(decay=cfg.momentum, nesterov=cfg.nesterov),
-          optax.scale_by_learning_rate(factor * learning_rate),
+        optax.add_decayed_weights(cfg.weight_decay),
+        optax.trace(decay=cfg.momentum, nesterov=cfg.nesterov),
+        optax.scale_by_learning_rate(factor * learning_rate),
       )
+
     transforms = {"default": sgd(1.0), **{rx: sgd(f) for rx, f in multipliers.items()}}
     return optax.multi_transform(transforms, lambda p: group_labels(p, multipliers))
+
   tx = optax.inject_hyperparams(sgd_groups)(learning_rate=lr_schedule(cfg, steps_per_epoch))
   if cfg.schedule == "plateau":
     # The paper's ReduceLROnPlateau: x decay_factor when the epoch-mean training loss
     # (passed as `value` by the train step) has not improved for plateau_patience epochs.
-    tx = optax.chain(tx, optax.contrib.reduce_on_plateau(
-        factor=cfg.decay_factor, patience=cfg.plateau_patience,
-        accumulation_size=steps_per_epoch))
+    tx = optax.chain(
+      tx,
+      optax.contrib.reduce_on_plateau(
+        factor=cfg.decay_factor, patience=cfg.plateau_patience, accumulation_size=steps_per_epoch
+      ),
+    )
   return tx
 
 
@@ -87,10 +96,12 @@ def learning_rate(opt_state) -> float:
   """The new layers' learning rate of the last update (for logs): the injected
   ``learning_rate``, times the plateau option's ``scale`` when there is one (found by name
   in the state, not by its position in the chain)."""
+
   def named(tuple_name):  # e.g. not the schedule's state also called learning_rate
     return lambda path, _: getattr(path[-1], "tuple_name", None) == tuple_name
-  lr = float(optax.tree.get(opt_state, "learning_rate",
-                            filtering=lambda _, v: hasattr(v, "dtype")))
-  scale = optax.tree.get(opt_state, "scale", default=None,
-                         filtering=named(optax.contrib.ReduceLROnPlateauState.__name__))
+
+  lr = float(optax.tree.get(opt_state, "learning_rate", filtering=lambda _, v: hasattr(v, "dtype")))
+  scale = optax.tree.get(
+    opt_state, "scale", default=None, filtering=named(optax.contrib.ReduceLROnPlateauState.__name__)
+  )
   return lr if scale is None else lr * float(scale)

@@ -25,13 +25,15 @@ def state_shardings(state, mesh):
   replicated = NamedSharding(mesh, P())
   shardings = jax.tree.map(lambda _: replicated, state)
   if state.class_memory.shape[0] % n == 0:
-    shardings = shardings.replace(class_memory=NamedSharding(mesh, P("data")),
-                                  memory_valid=NamedSharding(mesh, P("data")))
+    shardings = shardings.replace(
+      class_memory=NamedSharding(mesh, P("data")), memory_valid=NamedSharding(mesh, P("data"))
+    )
   return shardings
 
 
 def global_batch(local: dict, mesh) -> dict:
   """This host's rows -> global arrays split over "data" (rows of all hosts, in host order)."""
   sharding = NamedSharding(mesh, P("data"))
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in local.items()}
+  return {
+    k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()
+  }

@@ -39,8 +39,10 @@ def read_state_dict(path: str) -> tuple[dict[str, np.ndarray], list[str]]:
   try:
     import torch
   except ImportError:
-    raise MissingExtra(f"reading {path} needs PyTorch, an optional extra: "
-                      "pip install 'qaconv_jax[torch]' (or convert an .npz copy).") from None
+    raise MissingExtra(
+      f"reading {path} needs PyTorch, an optional extra: "
+      "pip install 'qaconv_jax[torch]' (or convert an .npz copy)."
+    ) from None
   try:
     obj = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # an unpickling refusal or a corrupt file
@@ -48,14 +50,17 @@ def read_state_dict(path: str) -> tuple[dict[str, np.ndarray], list[str]]:
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     refused = [ln.split(" was not")[0] for ln in lines if "Unsupported global" in ln]
     if refused:
-      why = (f"it pickles a Python object ({refused[0].split('error: ')[-1]}); only tensors "
-             "and plain containers are accepted, never arbitrary pickled objects")
+      why = (
+        f"it pickles a Python object ({refused[0].split('error: ')[-1]}); only tensors "
+        "and plain containers are accepted, never arbitrary pickled objects"
+      )
     elif any("Unsupported operand" in ln or "invalid load key" in ln for ln in lines):
       why = "the file is corrupt or not a PyTorch checkpoint"
     else:
       why = lines[0] if lines else type(e).__name__
-    raise ConversionError(f"could not read {path} with torch.load(weights_only=True): "
-                          f"{why}.") from None
+    raise ConversionError(
+      f"could not read {path} with torch.load(weights_only=True): {why}."
+    ) from None
   return _flatten(obj, path)
 
 
@@ -88,5 +93,6 @@ def _flatten(obj: Any, path: str) -> tuple[dict[str, np.ndarray], list[str]]:
     return {k: _array(v) for k, v in obj["state_dict"].items()}, notes
   keys = list(obj)[:8] if isinstance(obj, Mapping) else []
   raise ConversionError(
-      f"{path} holds a {type(obj).__name__} (keys {keys}); expected a state_dict of tensors, "
-      "an official QAConv checkpoint with 'model' (and 'criterion'), or {'state_dict': ...}.")
+    f"{path} holds a {type(obj).__name__} (keys {keys}); expected a state_dict of tensors, "
+    "an official QAConv checkpoint with 'model' (and 'criterion'), or {'state_dict': ...}."
+  )

@@ -16,21 +16,33 @@ from qaconv_jax.models.model import QAConvModel
 class TrainState(train_state.TrainState):
   """``flax`` TrainState plus ``batch_stats``, ``class_memory [C, h, w, d]`` and
   ``memory_valid [C]``."""
+
   batch_stats: Any = None
   class_memory: jax.Array = None
   memory_valid: jax.Array = None
 
 
-def create_train_state(model: QAConvModel, tx: optax.GradientTransformation,
-                       rng: jax.Array, image_shape: tuple[int, int],
-                       num_classes: int, cfg: ml_collections.ConfigDict) -> TrainState:
+def create_train_state(
+  model: QAConvModel,
+  tx: optax.GradientTransformation,
+  rng: jax.Array,
+  image_shape: tuple[int, int],
+  num_classes: int,
+  cfg: ml_collections.ConfigDict,
+) -> TrainState:
   """Initialises parameters from ``rng`` and an empty class memory sized from the model's
   output map at ``image_shape`` (H, W). ``cfg`` is ``config.loss``."""
   dummy = jax.numpy.zeros((1, *image_shape, 3), jax.numpy.float32)
   variables = jax.jit(model.init, static_argnames="train")(rng, dummy, train=False)
   map_shape = jax.eval_shape(
-      lambda v: model.apply(v, dummy, train=False, method=QAConvModel.embed), variables).shape
+    lambda v: model.apply(v, dummy, train=False, method=QAConvModel.embed), variables
+  ).shape
   memory, valid = init_class_memory(num_classes, map_shape[1:], all_valid=cfg.all_valid)
-  return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
-                           batch_stats=variables["batch_stats"], class_memory=memory,
-                           memory_valid=valid)
+  return TrainState.create(
+    apply_fn=model.apply,
+    params=variables["params"],
+    tx=tx,
+    batch_stats=variables["batch_stats"],
+    class_memory=memory,
+    memory_valid=valid,
+  )

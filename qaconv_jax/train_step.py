@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -16,8 +17,9 @@ from qaconv_jax.memory import update_class_memory
 from qaconv_jax.train_state import TrainState
 
 
-def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array, *,
-               gamma: float) -> tuple[TrainState, dict[str, jax.Array]]:
+def train_step(
+  state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array, *, gamma: float
+) -> tuple[TrainState, dict[str, jax.Array]]:
   """Forward, focal memory loss, SGD update, BN statistics and class memory update.
 
   Args:
@@ -41,22 +43,36 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
   def loss_fn(params):
     variables = {"params": params, "batch_stats": state.batch_stats}
     (features, logits), updates = state.apply_fn(
-        variables, images, memory=memory, train=True, mutable=["batch_stats"],
-        rngs={"dropout": step_rng})  # features [b, h, w, d], logits [b, C]
+      variables,
+      images,
+      memory=memory,
+      train=True,
+      mutable=["batch_stats"],
+      rngs={"dropout": step_rng},
+    )  # features [b, h, w, d], logits [b, C]
     loss = jnp.mean(focal_memory_loss(logits, labels, state.memory_valid, gamma))
     return loss, (features, logits, updates["batch_stats"])
 
-  (loss, (features, logits, batch_stats)), grads = jax.value_and_grad(
-      loss_fn, has_aux=True)(state.params)
+  (loss, (features, logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+    state.params
+  )
   # The loss goes to the optimiser too (`value`), for the ReduceLROnPlateau option.
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params, value=loss)
-  new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                            opt_state=opt_state, batch_stats=batch_stats)
+  new_state = state.replace(
+    step=state.step + 1,
+    params=optax.apply_updates(state.params, updates),
+    opt_state=opt_state,
+    batch_stats=batch_stats,
+  )
   class_memory, memory_valid = update_class_memory(
-      state.class_memory, state.memory_valid, features, labels)
+    state.class_memory, state.memory_valid, features, labels
+  )
   new_state = new_state.replace(class_memory=class_memory, memory_valid=memory_valid)
-  metrics = {"loss": loss, "accuracy": memory_accuracy(logits, labels),
-             "grad_norm": optax.tree.norm(grads)}
+  metrics = {
+    "loss": loss,
+    "accuracy": memory_accuracy(logits, labels),
+    "grad_norm": optax.tree.norm(grads),
+  }
   return new_state, metrics
 
 
@@ -67,8 +83,12 @@ def make_train_step(loss_cfg, state_sharding=None, batch_sharding=None) -> Calla
   step = functools.partial(train_step, gamma=loss_cfg.gamma)
   if state_sharding is None:
     return jax.jit(step, donate_argnums=0)
-  return jax.jit(step, donate_argnums=0, in_shardings=(state_sharding, batch_sharding, None),
-                 out_shardings=(state_sharding, None))
+  return jax.jit(
+    step,
+    donate_argnums=0,
+    in_shardings=(state_sharding, batch_sharding, None),
+    out_shardings=(state_sharding, None),
+  )
 
 
 def check_finite(metrics: Mapping[str, Any], step: int) -> None:
@@ -77,5 +97,6 @@ def check_finite(metrics: Mapping[str, Any], step: int) -> None:
   bad = {k: float(v) for k, v in metrics.items() if not math.isfinite(float(v))}
   if bad:
     raise TrainingDiverged(
-        f"non-finite training metrics at step {step}: {bad}. The state after this step is "
-        "not trustworthy; lower the learning rate or check the inputs for NaN/Inf.")
+      f"non-finite training metrics at step {step}: {bad}. The state after this step is "
+      "not trustworthy; lower the learning rate or check the inputs for NaN/Inf."
+    )

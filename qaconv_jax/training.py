@@ -9,8 +9,13 @@ import numpy as np
 
 from qaconv_jax import checkpoint, sharding
 from qaconv_jax.config_checks import check_config
-from qaconv_jax.data.pipeline import (iterate, materialize_synthetic, open_source,
-                                      steps_per_epoch, train_dataset)
+from qaconv_jax.data.pipeline import (
+  iterate,
+  materialize_synthetic,
+  open_source,
+  steps_per_epoch,
+  train_dataset,
+)
 from qaconv_jax.data.splits import check_class_ids, check_labels, train_and_validation
 from qaconv_jax.errors import TrainingDiverged
 from qaconv_jax.logbook import Logbook, parameter_overview
@@ -25,9 +30,14 @@ BEST_METRIC = "val_mAP"  # what <workdir>/best/ is selected by: plain QAConv on 
 def data_order(data_cfg, seed: int, num_images: int) -> dict:
   """The settings that decide which images the n-th global batch holds. A resumed run must
   read the same order (the host count is not among them: it only splits each batch)."""
-  order = {"batch_size": data_cfg.batch_size, "sampler": data_cfg.sampler, "seed": seed,
-           "val_ids": data_cfg.val_ids, "val_seed": data_cfg.val_seed,
-           "train_images": num_images}
+  order = {
+    "batch_size": data_cfg.batch_size,
+    "sampler": data_cfg.sampler,
+    "seed": seed,
+    "val_ids": data_cfg.val_ids,
+    "val_seed": data_cfg.val_seed,
+    "train_images": num_images,
+  }
   if data_cfg.sampler == "pk":
     order["pk_k"] = data_cfg.pk_k
   return order
@@ -47,25 +57,34 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   # ---------------------------------------------------------------- data
   # Synthetic sets are written by process 0; the other hosts wait for them.
-  data_cfg = materialize_synthetic(config.data, os.path.join(workdir, "data"),
-                                   write=main_process)
+  data_cfg = materialize_synthetic(config.data, os.path.join(workdir, "data"), write=main_process)
   source, val = train_and_validation(open_source(data_cfg, "train"), data_cfg)
   num_classes = check_class_ids(source.pids, f"{data_cfg.dataset} training set")
   per_epoch = steps_per_epoch(source, data_cfg)
   total_steps = config.num_epochs * per_epoch
-  dataset = train_dataset(source, data_cfg, seed=config.seed, num_epochs=config.num_epochs,
-                          host=jax.process_index(), num_hosts=jax.process_count())
+  dataset = train_dataset(
+    source,
+    data_cfg,
+    seed=config.seed,
+    num_epochs=config.num_epochs,
+    host=jax.process_index(),
+    num_hosts=jax.process_count(),
+  )
 
   # ---------------------------------------------------------------- model, state, shardings
   model = build_model(config.model)
   tx = make_optimizer(config.optim, per_epoch)
   mesh = sharding.make_mesh()
-  state = create_train_state(model, tx, jax.random.key(config.seed),
-                             tuple(data_cfg.image_size), num_classes, config.loss)
+  state = create_train_state(
+    model, tx, jax.random.key(config.seed), tuple(data_cfg.image_size), num_classes, config.loss
+  )
   state_sh = sharding.state_shardings(state, mesh)
   state = jax.device_put(state, state_sh)
-  meta = {"model": config.model.to_dict(), "num_classes": num_classes,
-          "data_order": data_order(data_cfg, config.seed, len(source))}
+  meta = {
+    "model": config.model.to_dict(),
+    "num_classes": num_classes,
+    "data_order": data_order(data_cfg, config.seed, len(source)),
+  }
 
   # ---------------------------------------------------------------- resume or initialise
   mngr = checkpoint.manager(workdir, config.checkpoint.keep)
@@ -73,19 +92,26 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if mngr.latest_step() is not None:
     mngr.close()  # restore through a fresh manager, then reopen for saving
     start, state, _ = checkpoint.restore_with_meta(
-        workdir, target=state, model_cfg=meta["model"],
-        same={k: meta[k] for k in ("num_classes", "data_order")})
+      workdir,
+      target=state,
+      model_cfg=meta["model"],
+      same={k: meta[k] for k in ("num_classes", "data_order")},
+    )
     mngr = checkpoint.manager(workdir, config.checkpoint.keep)
     state = jax.device_put(state, state_sh)
     print(f"resumed from {checkpoint.checkpoint_dir(workdir)} at step {start}", flush=True)
   elif config.init_from:
-    state, lines = checkpoint.init_from(state, config.init_from, meta["model"],
-                                        with_memory=config.init_memory)
+    state, lines = checkpoint.init_from(
+      state, config.init_from, meta["model"], with_memory=config.init_memory
+    )
     state = jax.device_put(state, state_sh)
     print("\n".join(lines), flush=True)
   elif main_process:
-    print("no init_from: every weight starts random (published QAConv numbers start from "
-          "ImageNet weights: see README, 'Pretrained weights').", flush=True)
+    print(
+      "no init_from: every weight starts random (published QAConv numbers start from "
+      "ImageNet weights: see README, 'Pretrained weights').",
+      flush=True,
+    )
   # One global batch per step, whatever the number of hosts: the step IS the data position,
   # so a run resumes on any host count by starting the batch sequence there.
   batches = iterate(dataset[start:])
@@ -93,11 +119,17 @@ def train_and_evaluate(config, workdir: str) -> dict:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
     print(parameter_overview(state.params), flush=True)
-    print(f"{num_classes} classes, {per_epoch} steps/epoch, {total_steps} steps, "
-          f"{jax.device_count()} device(s) on {jax.process_count()} process(es)", flush=True)
+    print(
+      f"{num_classes} classes, {per_epoch} steps/epoch, {total_steps} steps, "
+      f"{jax.device_count()} device(s) on {jax.process_count()} process(es)",
+      flush=True,
+    )
     if val is not None:
-      print(f"validation split: {len(val[0])} queries, {len(val[1])} gallery images of "
-            f"held-out identities", flush=True)
+      print(
+        f"validation split: {len(val[0])} queries, {len(val[1])} gallery images of "
+        f"held-out identities",
+        flush=True,
+      )
 
   # ---------------------------------------------------------------- the step
   batch_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
@@ -109,12 +141,17 @@ def train_and_evaluate(config, workdir: str) -> dict:
   # ---------------------------------------------------------------- evaluation
   # Evaluation runs in single-process runs (multi-process: eval.py on one host afterwards).
   validating = bool(config.eval_every) and single_process
-  best = (checkpoint.manager(os.path.join(workdir, "best"), max_to_keep=1,
-                             best_metric=BEST_METRIC)
-          if config.checkpoint.keep_best and validating else None)
+  best = (
+    checkpoint.manager(os.path.join(workdir, "best"), max_to_keep=1, best_metric=BEST_METRIC)
+    if config.checkpoint.keep_best and validating
+    else None
+  )
   if config.eval_every and not single_process and main_process:
-    print("multi-process run: no validation during training (nor keep_best); evaluate the "
-          "checkpoints with eval.py on one host.", flush=True)
+    print(
+      "multi-process run: no validation during training (nor keep_best); evaluate the "
+      "checkpoints with eval.py on one host.",
+      flush=True,
+    )
   results, val_results = {}, {}
   jitted = None
 
@@ -122,6 +159,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     nonlocal jitted, val_results
     from qaconv_jax.evaluation.eval_lib import jit_model_fns, model_fns
     from qaconv_jax.evaluation.testset import evaluate_testset
+
     jitted = jitted or jit_model_fns(model)
     fns = model_fns(model, {"params": state.params, "batch_stats": state.batch_stats}, jitted)
     val_cfg = config.eval.copy_and_resolve_references()
@@ -129,19 +167,30 @@ def train_and_evaluate(config, workdir: str) -> dict:
     out = evaluate_testset(*fns, *val, val_cfg, tuple(data_cfg.image_size))
     val_results = out["results"]["QAConv"]
     book.log(step, {"rank1": val_results["rank1"], "mAP": val_results["mAP"]}, kind="val")
-    print(f"step {step}: validation rank-1 {val_results['rank1']:.2f}  mAP "
-          f"{val_results['mAP']:.2f}", flush=True)
+    print(
+      f"step {step}: validation rank-1 {val_results['rank1']:.2f}  mAP {val_results['mAP']:.2f}",
+      flush=True,
+    )
     if best is not None and step not in best.all_steps():
       previous = checkpoint.best_value(best, BEST_METRIC)
       if previous is None or val_results["mAP"] > previous:
-        checkpoint.save(best, step, state, {**meta, BEST_METRIC: val_results["mAP"]},
-                        metrics={BEST_METRIC: val_results["mAP"]})
-        print(f"step {step}: best validation mAP so far ({val_results['mAP']:.2f}), kept in "
-              f"{checkpoint.checkpoint_dir(os.path.join(workdir, 'best'))}", flush=True)
+        checkpoint.save(
+          best,
+          step,
+          state,
+          {**meta, BEST_METRIC: val_results["mAP"]},
+          metrics={BEST_METRIC: val_results["mAP"]},
+        )
+        print(
+          f"step {step}: best validation mAP so far ({val_results['mAP']:.2f}), kept in "
+          f"{checkpoint.checkpoint_dir(os.path.join(workdir, 'best'))}",
+          flush=True,
+        )
 
   def save(step: int) -> None:
-    checkpoint.save(mngr, step, state, {**meta, "data_position": step,
-                                        "num_processes": jax.process_count()})
+    checkpoint.save(
+      mngr, step, state, {**meta, "data_position": step, "num_processes": jax.process_count()}
+    )
 
   # ---------------------------------------------------------------- loop
   stop = total_steps if not config.max_steps else min(total_steps, config.max_steps)
@@ -160,8 +209,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
           check_finite(values, step)
         except TrainingDiverged as e:  # never checkpoint a broken state
           raise TrainingDiverged(
-              f"{e} Stopped; the last good checkpoint (step {last_good}) in "
-              f"{checkpoint.checkpoint_dir(workdir)} is intact.") from None
+            f"{e} Stopped; the last good checkpoint (step {last_good}) in "
+            f"{checkpoint.checkpoint_dir(workdir)} is intact."
+          ) from None
         book.log(step, {**values, "lr": learning_rate(state.opt_state)})
       if is_ckpt:
         save(step)
@@ -172,11 +222,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if step == total_steps and config.eval.testsets:
       if single_process:  # the test sets: once, on the final state, never for selection
         from qaconv_jax.evaluation.eval_lib import evaluate_variables
-        results = evaluate_variables(config, workdir, {"params": state.params,
-                                                       "batch_stats": state.batch_stats}, step)
+
+        results = evaluate_variables(
+          config, workdir, {"params": state.params, "batch_stats": state.batch_stats}, step
+        )
         for testset, methods in results["testsets"].items():
-          book.log(step, {f"{testset}/{m}/{k}": r[k] for m, r in methods.items()
-                          for k in ("rank1", "mAP")}, kind="test")
+          book.log(
+            step,
+            {f"{testset}/{m}/{k}": r[k] for m, r in methods.items() for k in ("rank1", "mAP")},
+            kind="test",
+          )
       elif main_process:
         print("multi-process run: evaluate with eval.py on one host.", flush=True)
   finally:

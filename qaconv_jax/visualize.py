@@ -15,11 +15,16 @@ def _framed(img: np.ndarray, colour, size: tuple[int, int], border: int = 4) -> 
   return frame
 
 
-def ranking_strip(query: np.ndarray, gallery: list[np.ndarray], correct: list[bool],
-                  size: tuple[int, int] = (128, 64)) -> Image.Image:
+def ranking_strip(
+  query: np.ndarray,
+  gallery: list[np.ndarray],
+  correct: list[bool],
+  size: tuple[int, int] = (128, 64),
+) -> Image.Image:
   """The query (blue frame) then its ranked gallery images, green = same id, red = not."""
-  tiles = [_framed(query, BLUE, size)] + [_framed(g, GREEN if ok else RED, size)
-                                          for g, ok in zip(gallery, correct)]
+  tiles = [_framed(query, BLUE, size)] + [
+    _framed(g, GREEN if ok else RED, size) for g, ok in zip(gallery, correct)
+  ]
   gap = 12
   w = sum(t.width for t in tiles) + gap * len(tiles)
   strip = Image.new("RGB", (w, tiles[0].height), (255, 255, 255))
@@ -30,9 +35,15 @@ def ranking_strip(query: np.ndarray, gallery: list[np.ndarray], correct: list[bo
   return strip
 
 
-def correspondences(query: np.ndarray, gallery: np.ndarray, maxima: np.ndarray,
-                    indices: np.ndarray, map_hw: tuple[int, int], top: int = 12,
-                    size: tuple[int, int] = (256, 128)) -> Image.Image:
+def correspondences(
+  query: np.ndarray,
+  gallery: np.ndarray,
+  maxima: np.ndarray,
+  indices: np.ndarray,
+  map_hw: tuple[int, int],
+  top: int = 12,
+  size: tuple[int, int] = (256, 128),
+) -> Image.Image:
   """Query and gallery side by side with lines joining the ``top`` strongest matches.
 
   ``maxima``/``indices`` are one pair's ``[2hw]`` outputs of ``match_maxima_with_indices``;

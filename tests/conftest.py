@@ -27,6 +27,7 @@ def rng():
 @pytest.fixture(scope="session")
 def tiny_config():
   from configs.default import get_config
+
   return get_config("tiny")
 
 
@@ -34,4 +35,5 @@ def tiny_config():
 def tiny_data(tiny_config):
   """8 synthetic identities x 8 images at the tiny image size."""
   from qaconv_jax.data.synthetic import make_identity_set
+
   return make_identity_set(8, 8, seed=0, size=tuple(tiny_config.data.image_size))

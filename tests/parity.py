@@ -44,8 +44,7 @@ def _updated_stats(new_stats: dict, io: dict, prefix: str, head: str = "") -> li
   rows = []
   for path, value in traverse_util.flatten_dict(new_stats).items():
     key = f"after/{head}{torchvision_key('batch_stats', path)}"
-    rows.append((f"{prefix}{'/'.join(path)}", np.asarray(value).reshape(-1),
-                 io[key].reshape(-1)))
+    rows.append((f"{prefix}{'/'.join(path)}", np.asarray(value).reshape(-1), io[key].reshape(-1)))
   return rows
 
 
@@ -54,8 +53,7 @@ def backbone_outputs(conv: Conversion, io: dict) -> list[tuple[str, np.ndarray, 
   variables = {c: conv.variables[c]["backbone"] for c in ("params", "batch_stats")}
   x = images(io)
   stages = jax.jit(lambda v, x: net.apply(v, x, train=False, return_stages=True))(variables, x)
-  rows = [(f"eval/{s}", nchw(stages[s]), io[f"torch/{s}"]) for s in ("layer1", "layer2",
-                                                                    "layer3")]
+  rows = [(f"eval/{s}", nchw(stages[s]), io[f"torch/{s}"]) for s in ("layer1", "layer2", "layer3")]
   if "torch/train/layer3" in io:  # batch statistics, and the running-statistics update
     y, new = net.apply(variables, x, train=True, mutable=["batch_stats"])
     rows.append(("train/layer3", nchw(y), io["torch/train/layer3"]))
@@ -68,18 +66,25 @@ def official_outputs(conv: Conversion, io: dict) -> list[tuple[str, np.ndarray, 
   variables = conv.variables
   x = images(io)
   features = jax.jit(lambda v, x: model.apply(v, x, train=False, method=QAConvModel.embed))(
-      variables, x)  # [N, h, w, d]
-  eval_logits = model.apply(variables, features, features, train=False,
-                            method=QAConvModel.match)
-  train_logits, new = model.apply(variables, features, conv.class_memory, train=True,
-                                  method=QAConvModel.match, mutable=["batch_stats"])
+    variables, x
+  )  # [N, h, w, d]
+  eval_logits = model.apply(variables, features, features, train=False, method=QAConvModel.match)
+  train_logits, new = model.apply(
+    variables,
+    features,
+    conv.class_memory,
+    train=True,
+    method=QAConvModel.match,
+    mutable=["batch_stats"],
+  )
   loss = focal_memory_loss(train_logits, io["input/targets"], conv.memory_valid)
   head = "matcher." if conv.model["head"] == "v2" else ""
-  return [("features", nchw(features), io["torch/features"]),
-          ("eval_logits", np.asarray(eval_logits), io["torch/eval_logits"]),
-          ("train_logits", np.asarray(train_logits), io["torch/train_logits"]),
-          ("focal_loss", np.asarray(loss), io["torch/loss"])] + _updated_stats(
-              new["batch_stats"]["qaconv"], io, "after/qaconv/", head)
+  return [
+    ("features", nchw(features), io["torch/features"]),
+    ("eval_logits", np.asarray(eval_logits), io["torch/eval_logits"]),
+    ("train_logits", np.asarray(train_logits), io["torch/train_logits"]),
+    ("focal_loss", np.asarray(loss), io["torch/loss"]),
+  ] + _updated_stats(new["batch_stats"]["qaconv"], io, "after/qaconv/", head)
 
 
 def outputs(case: str) -> tuple[Conversion, dict, list[tuple[str, np.ndarray, np.ndarray]]]:

@@ -1,10 +1,11 @@
-"""Independent float64 NumPy references written from SPEC, deliberately loop-based."""
+"""Independent float64 NumPy references written from docs/method.md, deliberately loop-based."""
 
 import numpy as np
 
 
 def match_maxima_ref(probe, gallery):
-  """SPEC 2: ``[p, h, w, d] x [g, h, w, d] -> ([p, g, 2hw], argmax indices [p, g, 2hw])``."""
+  """docs/method.md §2: ``[p, h, w, d] x [g, h, w, d]`` -> ``[p, g, 2hw]`` maxima and their
+  argmax indices ``[p, g, 2hw]``."""
   p, h, w, d = probe.shape
   g = gallery.shape[0]
   hw = h * w
@@ -18,9 +19,9 @@ def match_maxima_ref(probe, gallery):
       for a in range(hw):
         for b in range(hw):
           s[a, b] = np.dot(pi[a], gj[b])
-      out[i, j, :hw] = s.max(axis=0)      # best probe location for each gallery location
+      out[i, j, :hw] = s.max(axis=0)  # best probe location for each gallery location
       idx[i, j, :hw] = s.argmax(axis=0)
-      out[i, j, hw:] = s.max(axis=1)      # best gallery location for each probe location
+      out[i, j, hw:] = s.max(axis=1)  # best gallery location for each probe location
       idx[i, j, hw:] = s.argmax(axis=1)
   return out, idx
 

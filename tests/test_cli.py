@@ -19,8 +19,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _run(*args):
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=300)
+  return subprocess.run(
+    [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+  )
 
 
 def _one_error_line(proc, starts):
@@ -31,10 +32,20 @@ def _one_error_line(proc, starts):
 
 
 def test_train_py_bad_config_values_are_one_line(tmp_path):
-  proc = _run("train.py", "--config", "configs/default.py:tiny", "--workdir", str(tmp_path),
-              "--config.checkpoint.every=0", "--config.eval.k2=30")
-  _one_error_line(proc, "error: invalid config: checkpoint.every=0: expected an integer >= 1; "
-                        "eval.k2=30: expected an integer in [1, k1 + 1] = [1, 21]")
+  proc = _run(
+    "train.py",
+    "--config",
+    "configs/default.py:tiny",
+    "--workdir",
+    str(tmp_path),
+    "--config.checkpoint.every=0",
+    "--config.eval.k2=30",
+  )
+  _one_error_line(
+    proc,
+    "error: invalid config: checkpoint.every=0: expected an integer >= 1; "
+    "eval.k2=30: expected an integer in [1, k1 + 1] = [1, 21]",
+  )
   assert not os.listdir(tmp_path)  # refused before any work
 
 
@@ -42,8 +53,14 @@ def test_train_py_bad_config_values_are_one_line(tmp_path):
 def float32_run(tmp_path_factory):
   cfg = get_config("tiny")
   workdir = str(tmp_path_factory.mktemp("run"))
-  state = create_train_state(build_model(cfg.model), make_optimizer(cfg.optim, 10),
-                             jax.random.key(0), tuple(cfg.data.image_size), 5, cfg.loss)
+  state = create_train_state(
+    build_model(cfg.model),
+    make_optimizer(cfg.optim, 10),
+    jax.random.key(0),
+    tuple(cfg.data.image_size),
+    5,
+    cfg.loss,
+  )
   mngr = checkpoint.manager(workdir)
   checkpoint.save(mngr, 3, state, {"model": cfg.model.to_dict(), "num_classes": 5})
   mngr.wait_until_finished()
@@ -51,16 +68,32 @@ def float32_run(tmp_path_factory):
 
 
 def test_checkpoint_mismatch_is_one_line_and_debug_shows_the_traceback(float32_run):
-  args = ("eval.py", "--config", "configs/default.py:tiny", "--workdir", float32_run,
-          "--config.model.neck_dim=16")
-  _one_error_line(_run(*args), "error: the checkpoint was written for a different model: "
-                               "neck_dim: checkpoint 32 vs config 16")
+  args = (
+    "eval.py",
+    "--config",
+    "configs/default.py:tiny",
+    "--workdir",
+    float32_run,
+    "--config.model.neck_dim=16",
+  )
+  _one_error_line(
+    _run(*args),
+    "error: the checkpoint was written for a different model: neck_dim: checkpoint 32 vs config 16",
+  )
   debug = _run(*args, "--debug")
   assert debug.returncode != 0 and "Traceback" in debug.stderr
   assert "qaconv_jax.errors.CheckpointMismatch: the checkpoint was written" in debug.stderr
 
 
 def test_argparse_entry_points_too(tmp_path):
-  _one_error_line(_run("-m", "qaconv_jax.convert", "--from", str(tmp_path / "missing.pth"),
-                       "--to", str(tmp_path / "out")),
-                  f"error: no such file: {tmp_path / 'missing.pth'}")
+  _one_error_line(
+    _run(
+      "-m",
+      "qaconv_jax.convert",
+      "--from",
+      str(tmp_path / "missing.pth"),
+      "--to",
+      str(tmp_path / "out"),
+    ),
+    f"error: no such file: {tmp_path / 'missing.pth'}",
+  )

@@ -14,30 +14,47 @@ from qaconv_jax.training import train_and_evaluate
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("name", sorted(os.path.basename(p)[:-3] for p in
-                                        glob.glob(os.path.join(ROOT, "configs", "*.py"))
-                                        if not p.endswith("base.py")))
+@pytest.mark.parametrize(
+  "name",
+  sorted(
+    os.path.basename(p)[:-3]
+    for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
+    if not p.endswith("base.py")
+  ),
+)
 @pytest.mark.parametrize("variant", [None, "tiny"])
 def test_shipped_configs_pass(name, variant):
   config = importlib.import_module(f"configs.{name}").get_config(variant)
   check_config(config, training=True)
 
 
-@pytest.mark.parametrize("key, value, message", [
+@pytest.mark.parametrize(
+  "key, value, message",
+  [
     ("checkpoint.every", 0, r"checkpoint.every=0: expected an integer >= 1"),
     ("checkpoint.every", -5, r"checkpoint.every=-5: expected an integer >= 1"),
     ("log_every", 0, r"log_every=0: expected an integer >= 1"),
     ("eval_every", -1, r"eval_every=-1: expected an integer >= 0 \(0 = none\)"),
     ("checkpoint.keep", 0, r"checkpoint.keep=0: expected an integer >= 1"),
-    ("eval_every", 5, r"eval_every=5: periodic evaluation runs on the validation split, so "
-                      r"set data.val_ids"),
-    ("checkpoint.keep_best", True, r"keep_best=True: selecting a checkpoint needs the "
-                                   r"validation split"),
+    (
+      "eval_every",
+      5,
+      r"eval_every=5: periodic evaluation runs on the validation split, so "
+      r"set data.val_ids",
+    ),
+    (
+      "checkpoint.keep_best",
+      True,
+      r"keep_best=True: selecting a checkpoint needs the "
+      r"validation split",
+    ),
     ("data.val_ids", 1.5, r"data.val_ids=1.5: expected 0 \(no validation split\)"),
     ("eval.lambda_value", 2.0, r"eval.lambda_value=2.0: expected a weight in \[0, 1\]"),
     ("eval.k1", 0, r"eval.k1=0: expected an integer >= 1"),
     ("eval.sigma", 0.0, r"eval.sigma=0.0: expected seconds > 0"),
-    ("eval.ap_mode", "auc", r"eval.ap_mode='auc': expected 'step' or 'trapezoid'")])
+    ("eval.ap_mode", "auc", r"eval.ap_mode='auc': expected 'step' or 'trapezoid'"),
+  ],
+)
 def test_bad_values_are_refused_before_training(tmp_path, key, value, message):
   config = get_config("tiny")
   *parents, last = key.split(".")

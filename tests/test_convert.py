@@ -39,13 +39,15 @@ def test_every_parameter_is_mapped(case):
 
 
 def test_architecture_is_read_off_the_keys():
-  expect = {"resnet18_w4": dict(depth=18, width=4, ibn=""),
-            "resnet50_ibn_a_w8": dict(depth=50, width=8, ibn="a"),
-            "resnet18_ibn_b_w8": dict(depth=18, width=8, ibn="b"),
-            "qaconv_v1_r18_w4": dict(depth=18, width=4, ibn="", neck_dim=16,
-                                     neck_version="v1", head="v1"),
-            "qaconv_v2_r50_ibn_b_w4": dict(depth=50, width=4, ibn="b", neck_dim=16,
-                                           neck_version="v2.1", head="v2")}
+  expect = {
+    "resnet18_w4": dict(depth=18, width=4, ibn=""),
+    "resnet50_ibn_a_w8": dict(depth=50, width=8, ibn="a"),
+    "resnet18_ibn_b_w8": dict(depth=18, width=8, ibn="b"),
+    "qaconv_v1_r18_w4": dict(depth=18, width=4, ibn="", neck_dim=16, neck_version="v1", head="v1"),
+    "qaconv_v2_r50_ibn_b_w4": dict(
+      depth=50, width=4, ibn="b", neck_dim=16, neck_version="v2.1", head="v2"
+    ),
+  }
   for name, model in expect.items():
     assert convert.convert(parity.load(name)[0]).model == model, name
 
@@ -71,14 +73,20 @@ def test_known_unused_entries_are_reported_not_dropped():
   assert "num_batches_tracked" in report and "60 epochs" in report
 
 
-@pytest.mark.parametrize("edit, words", [
-    (lambda s: s.update({"layer2.0.conv1.weight": s["layer2.0.conv1.weight"][:, :-1]}),
-     ["mis-shaped", "layer2.0.conv1.weight: file [8, 3, 3, 3], model [8, 4, 3, 3]"]),
-    (lambda s: s.update({"layer2.0.bn1.extra_scale": np.ones(8, np.float32)}),
-     ["unexpected", "layer2.0.bn1.extra_scale [8]"]),
-    (lambda s: s.pop("layer1.1.bn2.running_var"),
-     ["missing", "layer1.1.bn2.running_var [4]"]),
-])
+@pytest.mark.parametrize(
+  "edit, words",
+  [
+    (
+      lambda s: s.update({"layer2.0.conv1.weight": s["layer2.0.conv1.weight"][:, :-1]}),
+      ["mis-shaped", "layer2.0.conv1.weight: file [8, 3, 3, 3], model [8, 4, 3, 3]"],
+    ),
+    (
+      lambda s: s.update({"layer2.0.bn1.extra_scale": np.ones(8, np.float32)}),
+      ["unexpected", "layer2.0.bn1.extra_scale [8]"],
+    ),
+    (lambda s: s.pop("layer1.1.bn2.running_var"), ["missing", "layer1.1.bn2.running_var [4]"]),
+  ],
+)
 def test_bad_keys_fail_by_name(edit, words):
   state, _ = parity.load("resnet18_w4")
   edit(state)
@@ -114,8 +122,10 @@ def test_data_parallel_prefix_is_stripped():
   state, _ = parity.load("qaconv_v1_r18_w4")
   wrapped = {k.replace("model/", "model/module.", 1): v for k, v in state.items()}
   a, b = convert.convert(state), convert.convert(wrapped)
-  for x, y in zip(traverse_util.flatten_dict(a.variables).values(),
-                  traverse_util.flatten_dict(b.variables).values()):
+  for x, y in zip(
+    traverse_util.flatten_dict(a.variables).values(),
+    traverse_util.flatten_dict(b.variables).values(),
+  ):
     np.testing.assert_array_equal(x, y)
 
 
@@ -144,8 +154,9 @@ def test_reading_pth_uses_weights_only(tmp_path):
       top, key = k.split("/", 1)
       sections[top][key] = torch.from_numpy(v)
   path = tmp_path / "checkpoint.pth.tar"
-  torch.save({**sections, "optim": {"state": {}, "param_groups": [{"lr": 0.01}]},
-              "epoch": 60}, path)
+  torch.save(
+    {**sections, "optim": {"state": {}, "param_groups": [{"lr": 0.01}]}, "epoch": 60}, path
+  )
   flat, notes = convert.read_state_dict(str(path))
   assert sorted(flat) == sorted(state)
   for k in state:
@@ -178,15 +189,32 @@ def fresh_state():
   import jax
   import ml_collections
   import optax
+
   from qaconv_jax.models.model import QAConvModel
   from qaconv_jax.train_state import create_train_state
+
   model = QAConvModel(depth=18, width=4, neck_dim=16)
-  return create_train_state(model, optax.sgd(0.1), jax.random.key(0), (80, 48), 10,
-                            ml_collections.ConfigDict({"all_valid": False}))
+  return create_train_state(
+    model,
+    optax.sgd(0.1),
+    jax.random.key(0),
+    (80, 48),
+    10,
+    ml_collections.ConfigDict({"all_valid": False}),
+  )
 
 
-MODEL_CFG = dict(depth=18, width=4, ibn="", neck_dim=16, neck_version="v1", head="v1",
-                 input_norm="none", dtype="float32", match_block=(8, 16))
+MODEL_CFG = dict(
+  depth=18,
+  width=4,
+  ibn="",
+  neck_dim=16,
+  neck_version="v1",
+  head="v1",
+  input_norm="none",
+  dtype="float32",
+  match_block=(8, 16),
+)
 
 
 def test_init_from_a_converted_backbone(fresh_state, tmp_path):
@@ -213,12 +241,15 @@ def test_init_from_an_official_checkpoint_with_its_memory(fresh_state, tmp_path)
   assert "freshly initialised" not in "\n".join(lines)
   np.testing.assert_array_equal(np.asarray(state.class_memory), conv.class_memory)
   np.testing.assert_array_equal(np.asarray(state.memory_valid), conv.memory_valid)
-  np.testing.assert_array_equal(np.asarray(state.params["qaconv"]["fc"]["kernel"]),
-                                conv.variables["params"]["qaconv"]["fc"]["kernel"])
+  np.testing.assert_array_equal(
+    np.asarray(state.params["qaconv"]["fc"]["kernel"]),
+    conv.variables["params"]["qaconv"]["fc"]["kernel"],
+  )
 
 
 def test_converted_official_checkpoint_evaluates(tiny_config, tmp_path):
   from qaconv_jax.evaluation.eval_lib import evaluate_checkpoint
+
   src = parity.FIXTURES / "qaconv_v2_r50_ibn_b_w4.state.npz"
   conv = convert.main(["--from", str(src), "--to", str(tmp_path / "converted")])
   cfg = tiny_config.copy_and_resolve_references()
@@ -230,8 +261,9 @@ def test_converted_official_checkpoint_evaluates(tiny_config, tmp_path):
   r = results["testsets"]["synthetic_b"]["QAConv"]
   assert 0 < r["mAP"] <= 100 and r["num_valid_queries"] > 0
   # A converted ImageNet backbone alone has no neck or head to evaluate.
-  convert.main(["--from", str(parity.FIXTURES / "resnet18_w4.state.npz"),
-                "--to", str(tmp_path / "backbone")])
+  convert.main(
+    ["--from", str(parity.FIXTURES / "resnet18_w4.state.npz"), "--to", str(tmp_path / "backbone")]
+  )
   cfg.model.update(depth=18, ibn="")
   with pytest.raises(checkpoint.CheckpointMismatch, match="holds no neck or qaconv weights"):
     evaluate_checkpoint(cfg, str(tmp_path / "backbone"))

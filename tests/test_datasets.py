@@ -10,8 +10,7 @@ import pytest
 
 from qaconv_jax.data.datasets import SPLIT_DIRS, DatasetError, load_dataset
 from qaconv_jax.data.synthetic import write_market_tree
-from qaconv_jax.data.timestamps import (DUKE_OFFSETS, duke_time, market_session_offsets,
-                                        market_time)
+from qaconv_jax.data.timestamps import DUKE_OFFSETS, duke_time, market_session_offsets, market_time
 
 
 def _touch(root, sub, names):
@@ -21,20 +20,35 @@ def _touch(root, sub, names):
 
 
 def _market_tree(root):
-  _touch(root, "bounding_box_train", [
-      "0007_c1s1_000100_01.jpg", "0003_c1s2_000500_01.jpg", "0003_c2s1_000050_02.jpg",
-      "0007_c1s4_000100_01.jpg", "-1_c1s1_099999_01.jpg", "Thumbs.db"])
+  _touch(
+    root,
+    "bounding_box_train",
+    [
+      "0007_c1s1_000100_01.jpg",
+      "0003_c1s2_000500_01.jpg",
+      "0003_c2s1_000050_02.jpg",
+      "0007_c1s4_000100_01.jpg",
+      "-1_c1s1_099999_01.jpg",
+      "Thumbs.db",
+    ],
+  )
   _touch(root, "query", ["0010_c1s1_001000_00.jpg", "0011_c1s5_000010_00.jpg"])
-  _touch(root, "bounding_box_test", [
-      "0010_c2s1_000200_01.jpg", "0000_c1s1_000300_01.jpg", "-1_c2s3_777777_01.jpg"])
+  _touch(
+    root,
+    "bounding_box_test",
+    ["0010_c2s1_000200_01.jpg", "0000_c1s1_000300_01.jpg", "-1_c2s3_777777_01.jpg"],
+  )
   return root
 
 
 def test_market_ids_cameras_junk_distractors(tmp_path):
   ds = load_dataset("market1501", _market_tree(str(tmp_path)))
   assert [(os.path.basename(r.path), r.pid, r.camera) for r in ds.train] == [
-      ("0003_c1s2_000500_01.jpg", 0, 0), ("0003_c2s1_000050_02.jpg", 0, 1),
-      ("0007_c1s1_000100_01.jpg", 1, 0), ("0007_c1s4_000100_01.jpg", 1, 0)]
+    ("0003_c1s2_000500_01.jpg", 0, 0),
+    ("0003_c2s1_000050_02.jpg", 0, 1),
+    ("0007_c1s1_000100_01.jpg", 1, 0),
+    ("0007_c1s4_000100_01.jpg", 1, 0),
+  ]
   assert ds.num_train_ids == 2
   assert sorted(r.pid for r in ds.query) == [10, 11]  # raw
   assert sorted(r.pid for r in ds.gallery) == [0, 10]  # distractor kept, junk dropped
@@ -177,7 +191,7 @@ def test_synthetic_times_carry_group_cooccurrence(tmp_path):
   together, apart = [], []
   pids = sorted(mid)
   for i, a in enumerate(pids):
-    for b in pids[i + 1:]:
+    for b in pids[i + 1 :]:
       shared = sorted(set(mid[a]) & set(mid[b]))
       if len(shared) < 2:
         continue
@@ -187,26 +201,34 @@ def test_synthetic_times_carry_group_cooccurrence(tmp_path):
   assert len(together) >= 20, len(together)
   # (Measured: ~0.5 vs ~0.04; times without groups would give about equal rates.)
   assert np.mean(together) > 0.4 and np.mean(together) > 5 * np.mean(apart), (
-      np.mean(together), np.mean(apart))
+    np.mean(together),
+    np.mean(apart),
+  )
 
 
 def _folder_tree(root, ext, train="", query="", gallery=""):
   """A tree with one good image per split, plus the given names."""
   good = {"jpg": "0001_c1s1_000001_01.jpg", "png": "0001_c1_1.png"}[ext]
-  for sub, extra in (("bounding_box_train", train), ("query", query),
-                     ("bounding_box_test", gallery)):
+  for sub, extra in (
+    ("bounding_box_train", train),
+    ("query", query),
+    ("bounding_box_test", gallery),
+  ):
     _touch(root, sub, [good] + ([extra] if extra else []))
   return root
 
 
-@pytest.mark.parametrize("split,bad,what", [
+@pytest.mark.parametrize(
+  "split,bad,what",
+  [
     ("query", "0002_c0s1_000451_03.jpg", "camera 0 is outside market1501's cameras 1..6"),
     ("train", "0002_c7s1_000451_03.jpg", "camera 7 is outside market1501's cameras 1..6"),
     ("gallery", "0002_c1s0_000451_03.jpg", "session 0 is outside market1501's sessions 1..6"),
     ("gallery", "0002_c1s7_000451_03.jpg", "session 7 is outside market1501's sessions 1..6"),
     # Junk is checked too: a camera-0 name is malformed whatever its pid.
     ("gallery", "-1_c0s1_000451_03.jpg", "camera 0 is outside market1501's cameras 1..6"),
-])
+  ],
+)
 def test_market_names_outside_ranges_are_refused(tmp_path, split, bad, what):
   root = _folder_tree(str(tmp_path), "jpg", **{split: bad})
   sub = SPLIT_DIRS[split]
@@ -214,8 +236,9 @@ def test_market_names_outside_ranges_are_refused(tmp_path, split, bad, what):
     load_dataset("market1501", root)
 
 
-@pytest.mark.parametrize("bad,cam", [("0001_c0_f0000100.jpg", 0), ("0001_c9_f0000100.jpg", 9),
-                                     ("-1_c0_f0000100.jpg", 0)])
+@pytest.mark.parametrize(
+  "bad,cam", [("0001_c0_f0000100.jpg", 0), ("0001_c9_f0000100.jpg", 9), ("-1_c0_f0000100.jpg", 0)]
+)
 def test_duke_cameras_outside_1_to_8_are_refused(tmp_path, bad, cam):
   root = str(tmp_path)
   _touch(root, "bounding_box_train", ["0001_c1_f0000001.jpg"])
@@ -228,8 +251,10 @@ def test_duke_cameras_outside_1_to_8_are_refused(tmp_path, bad, cam):
 
 def test_cuhk03_camera_0_is_refused(tmp_path):
   root = _folder_tree(str(tmp_path), "png", "0002_c0_1.png")
-  want = (f"{os.path.join(root, 'bounding_box_train', '0002_c0_1.png')}: camera 0 is outside "
-          "cuhk03_labeled's cameras >= 1")
+  want = (
+    f"{os.path.join(root, 'bounding_box_train', '0002_c0_1.png')}: camera 0 is outside "
+    "cuhk03_labeled's cameras >= 1"
+  )
   with pytest.raises(DatasetError, match=re.escape(want)):
     load_dataset("cuhk03_labeled", root)
 
@@ -244,9 +269,11 @@ def test_msmt17_cameras_outside_1_to_15_are_refused(tmp_path, cam):
       f.write("0000/0000_000_01_0303morning_0015_0.jpg 0\n")
   with open(os.path.join(root, "list_query.txt"), "a") as f:
     f.write(f"0100/0100_000_{cam}_0303morning_0100_0.jpg 100\n")
-  want = (f"{os.path.join(root, 'list_query.txt')}:2 "
-          f"(0100/0100_000_{cam}_0303morning_0100_0.jpg): camera {int(cam)} is outside "
-          "msmt17's cameras 1..15")
+  want = (
+    f"{os.path.join(root, 'list_query.txt')}:2 "
+    f"(0100/0100_000_{cam}_0303morning_0100_0.jpg): camera {int(cam)} is outside "
+    "msmt17's cameras 1..15"
+  )
   with pytest.raises(DatasetError, match=re.escape(want)):
     load_dataset("msmt17", root)
 

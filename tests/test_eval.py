@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from qaconv_jax import checkpoint
-from qaconv_jax.evaluation.testset import evaluate_testset
 from qaconv_jax.evaluation.scoring import block_shape, pairwise_distance
+from qaconv_jax.evaluation.testset import evaluate_testset
 from qaconv_jax.models.model import QAConvModel, build_model
 from qaconv_jax.optim import make_optimizer
 from qaconv_jax.train_state import create_train_state
@@ -33,16 +33,17 @@ def test_block_sizes_never_change_the_numbers(tiny_config, rng):
   x = jnp.asarray(rng.uniform(size=(2, *tiny_config.data.image_size, 3)), jnp.float32)
   variables = jax.jit(model.init, static_argnames="train")(jax.random.key(0), x, train=False)
   # Non-trivial BN statistics, so eval-mode BN is not the identity.
-  variables = jax.tree.map(lambda a: a + 0.1 * jnp.abs(jnp.asarray(
-      rng.normal(size=a.shape), a.dtype)), variables)
-  match = jax.jit(lambda p, g: model.apply(variables, p, g, train=False,
-                                           method=QAConvModel.match))
+  variables = jax.tree.map(
+    lambda a: a + 0.1 * jnp.abs(jnp.asarray(rng.normal(size=a.shape), a.dtype)), variables
+  )
+  match = jax.jit(lambda p, g: model.apply(variables, p, g, train=False, method=QAConvModel.match))
   maps = rng.normal(size=(23, 4, 2, 32)).astype(np.float32)
   maps /= np.linalg.norm(maps, axis=-1, keepdims=True)
   whole = pairwise_distance(match, maps[:9], maps, block=(9, 23))
   for block in [(1, 1), (4, 7), (9, 5)]:
-    np.testing.assert_allclose(pairwise_distance(match, maps[:9], maps, block=block), whole,
-                               rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+      pairwise_distance(match, maps[:9], maps, block=block), whole, rtol=1e-6, atol=1e-7
+    )
   assert whole.shape == (9, 23) and 0 < whole.min() and whole.max() < 1
 
 
@@ -60,22 +61,30 @@ class FakeSource:
 
   def __getitem__(self, i):
     img = np.full((8, 4, 3), self.feature_ids[i], np.uint8)
-    return {"image": img, "pid": int(self.pids[i]), "camera": int(self.cameras[i]),
-            "time": float(self.times[i]), "where": self.names[i]}
+    return {
+      "image": img,
+      "pid": int(self.pids[i]),
+      "camera": int(self.cameras[i]),
+      "time": float(self.times[i]),
+      "where": self.names[i],
+    }
 
 
 def test_fake_model_gives_the_known_map():
   # 4 ids; gallery: each id in cameras 1 and 2; queries in camera 0; query 0 looks like
   # id 1. Its ranking: id1, id1, then the rest tied in gallery order: id0, id0, ... so its
   # positives sit at ranks 3 and 4: AP = (1/3 + 2/4) / 2 = 5/12; the others have AP 1.
-  gallery = FakeSource(np.repeat(np.arange(4), 2), np.repeat(np.arange(4), 2),
-                       np.tile([1, 2], 4), np.zeros(8))
+  gallery = FakeSource(
+    np.repeat(np.arange(4), 2), np.repeat(np.arange(4), 2), np.tile([1, 2], 4), np.zeros(8)
+  )
   query = FakeSource([1, 1, 2, 3], np.arange(4), np.zeros(4), np.zeros(4))
-  embed = jax.jit(lambda x: jax.nn.one_hot(jnp.round(x[:, 0, 0, 0] * 255).astype(jnp.int32),
-                                           8)[:, None, None, :])
+  embed = jax.jit(
+    lambda x: jax.nn.one_hot(jnp.round(x[:, 0, 0, 0] * 255).astype(jnp.int32), 8)[:, None, None, :]
+  )
   match = jax.jit(lambda p, g: 100.0 * jnp.einsum("pd,gd->pg", p[:, 0, 0], g[:, 0, 0]) - 50.0)
-  cfg = ml_collections.ConfigDict(dict(batch_size=3, memory_budget_gb=1e-4, rerank=False,
-                                       tlift=False, ap_mode="step", topk=3))
+  cfg = ml_collections.ConfigDict(
+    dict(batch_size=3, memory_budget_gb=1e-4, rerank=False, tlift=False, ap_mode="step", topk=3)
+  )
   out = evaluate_testset(embed, match, query, gallery, cfg, (8, 4))
   r = out["results"]["QAConv"]
   assert r["mAP"] == pytest.approx(100 * (3 + 5 / 12) / 4)
@@ -86,6 +95,7 @@ def test_fake_model_gives_the_known_map():
 
 def test_tlift_without_reranking_is_its_own_row(rng):
   from qaconv_jax.evaluation.tlift import temporal_lift
+
   times_q = rng.uniform(0, 300, 6)
   times_g = rng.uniform(0, 300, 12)
   gallery = FakeSource(np.arange(12), np.arange(12) % 4, np.arange(12) % 3, times_g)
@@ -93,22 +103,48 @@ def test_tlift_without_reranking_is_its_own_row(rng):
   # Feature = image index (one-hot over 18); the matcher reads the indices back, so its
   # logits are a known table whatever the block order.
   table = rng.normal(0, 8, size=(18, 18)).astype(np.float32)
-  embed = jax.jit(lambda x: jax.nn.one_hot(jnp.round(x[:, 0, 0, 0] * 255).astype(jnp.int32),
-                                           18)[:, None, None, :])
+  embed = jax.jit(
+    lambda x: jax.nn.one_hot(jnp.round(x[:, 0, 0, 0] * 255).astype(jnp.int32), 18)[:, None, None, :]
+  )
+
   def match(p, g):
     return jnp.asarray(table)[jnp.argmax(p[:, 0, 0], 1)[:, None], jnp.argmax(g[:, 0, 0], 1)]
+
   gallery.feature_ids = np.arange(12) + 6  # query images are ids 0..5, gallery 6..17
-  cfg = ml_collections.ConfigDict(dict(batch_size=4, memory_budget_gb=1e-4, rerank=False,
-                                       tlift=True, tau=100.0, sigma=200.0, tlift_k=3, alpha=0.2,
-                                       ap_mode="step", topk=3))
+  cfg = ml_collections.ConfigDict(
+    dict(
+      batch_size=4,
+      memory_budget_gb=1e-4,
+      rerank=False,
+      tlift=True,
+      tau=100.0,
+      sigma=200.0,
+      tlift_k=3,
+      alpha=0.2,
+      ap_mode="step",
+      topk=3,
+    )
+  )
   out = evaluate_testset(embed, jax.jit(match), query, gallery, cfg, (8, 4))
   assert list(out["results"]) == ["QAConv", "QAConv+TLift"] and out["notes"] == []
   logits = table[:6, 6:]
-  np.testing.assert_allclose(out["dist"]["QAConv"], 1 - 1 / (1 + np.exp(-logits / 10)),
-                             rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(
+    out["dist"]["QAConv"], 1 - 1 / (1 + np.exp(-logits / 10)), rtol=1e-6, atol=1e-6
+  )
   # TLift lifts sigmoid(logit) (the authors' advice for QAConv scores), not sigmoid(logit/10).
-  want = 1 - np.asarray(temporal_lift(1 / (1 + np.exp(-logits)), query.cameras, times_q,
-                                      gallery.cameras, times_g, 100.0, 200.0, 3, 0.2))
+  want = 1 - np.asarray(
+    temporal_lift(
+      1 / (1 + np.exp(-logits)),
+      query.cameras,
+      times_q,
+      gallery.cameras,
+      times_g,
+      100.0,
+      200.0,
+      3,
+      0.2,
+    )
+  )
   np.testing.assert_allclose(out["dist"]["QAConv+TLift"], want, rtol=1e-5, atol=1e-6)
 
   query.times = np.full(6, np.nan)  # a set without time stamps: said, not silently skipped
@@ -119,8 +155,9 @@ def test_tlift_without_reranking_is_its_own_row(rng):
 
 def _save_tiny_checkpoint(cfg, workdir, model_overrides=None):
   model = build_model(cfg.model)
-  state = create_train_state(model, make_optimizer(cfg.optim, 10), jax.random.key(0),
-                             tuple(cfg.data.image_size), 5, cfg.loss)
+  state = create_train_state(
+    model, make_optimizer(cfg.optim, 10), jax.random.key(0), tuple(cfg.data.image_size), 5, cfg.loss
+  )
   model_cfg = cfg.model.to_dict()
   model_cfg.update(model_overrides or {})
   mngr = checkpoint.manager(workdir)
@@ -132,8 +169,21 @@ def test_eval_py_end_to_end(tiny_config, tmp_path):
   workdir = str(tmp_path / "run")
   _save_tiny_checkpoint(tiny_config, workdir)
   proc = subprocess.run(
-      [sys.executable, "eval.py", "--config", "configs/default.py:tiny", "--workdir", workdir,
-       "--visualize", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    [
+      sys.executable,
+      "eval.py",
+      "--config",
+      "configs/default.py:tiny",
+      "--workdir",
+      workdir,
+      "--visualize",
+      "1",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "QAConv+RR+TLift" in proc.stdout
   assert not re.search(r"^I\d{4} ", proc.stderr, re.M), proc.stderr[-2000:]  # no INFO logs
@@ -154,10 +204,13 @@ def test_eval_py_end_to_end(tiny_config, tmp_path):
 
 def test_checkpoint_from_another_model_is_refused(tiny_config, tmp_path):
   from qaconv_jax.evaluation.eval_lib import evaluate_checkpoint
+
   workdir = str(tmp_path / "run")
   _save_tiny_checkpoint(tiny_config, workdir, {"depth": 34, "neck_dim": 64})
-  with pytest.raises(checkpoint.CheckpointMismatch,
-                     match=r"depth: checkpoint 34 vs config 18; neck_dim: checkpoint 64"):
+  with pytest.raises(
+    checkpoint.CheckpointMismatch,
+    match=r"depth: checkpoint 34 vs config 18; neck_dim: checkpoint 64",
+  ):
     evaluate_checkpoint(tiny_config, workdir)
   with pytest.raises(FileNotFoundError, match="no checkpoint for step 99"):
     evaluate_checkpoint(tiny_config, workdir, step=99)

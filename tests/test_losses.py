@@ -1,4 +1,4 @@
-"""Focal class-memory loss against a hand-written float64 reference (SPEC 3)."""
+"""Focal class-memory loss against a hand-written float64 reference (docs/method.md §3)."""
 
 import jax
 import jax.numpy as jnp
@@ -20,8 +20,9 @@ def test_focal_loss_matches_reference_with_invalid_classes(rng):
   # Invalid classes contribute nothing whatever their logits.
   moved = logits.copy()
   moved[:, ~valid] += 100.0
-  np.testing.assert_allclose(np.asarray(focal_memory_loss(moved, labels, valid)),
-                             np.asarray(got), rtol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(focal_memory_loss(moved, labels, valid)), np.asarray(got), rtol=1e-6
+  )
 
 
 def test_focal_loss_gamma_and_all_valid(rng):
@@ -29,8 +30,11 @@ def test_focal_loss_gamma_and_all_valid(rng):
   labels = np.array([0, 4, 2, 2], np.int32)
   valid = np.ones(5, bool)
   for gamma in (0.0, 1.0, 2.0):
-    np.testing.assert_allclose(np.asarray(focal_memory_loss(logits, labels, valid, gamma)),
-                               focal_loss_ref(logits, labels, valid, gamma), rtol=1e-5)
+    np.testing.assert_allclose(
+      np.asarray(focal_memory_loss(logits, labels, valid, gamma)),
+      focal_loss_ref(logits, labels, valid, gamma),
+      rtol=1e-5,
+    )
 
 
 def test_focal_loss_gradient_includes_focal_weight(rng):
@@ -39,8 +43,9 @@ def test_focal_loss_gradient_includes_focal_weight(rng):
   logits = rng.normal(scale=2.0, size=(3, 4))
   labels = np.array([1, 3, 0])
   valid = np.array([True, True, False, True])
-  grad = np.asarray(jax.grad(lambda z: focal_memory_loss(z, labels, valid).sum())(
-      logits.astype(np.float32)))
+  grad = np.asarray(
+    jax.grad(lambda z: focal_memory_loss(z, labels, valid).sum())(logits.astype(np.float32))
+  )
   eps = 1e-5
   fd = np.zeros_like(logits)
   for i in range(3):
@@ -48,8 +53,9 @@ def test_focal_loss_gradient_includes_focal_weight(rng):
       up, down = logits.copy(), logits.copy()
       up[i, c] += eps
       down[i, c] -= eps
-      fd[i, c] = (focal_loss_ref(up, labels, valid).sum()
-                  - focal_loss_ref(down, labels, valid).sum()) / (2 * eps)
+      fd[i, c] = (
+        focal_loss_ref(up, labels, valid).sum() - focal_loss_ref(down, labels, valid).sum()
+      ) / (2 * eps)
   np.testing.assert_allclose(grad, fd, rtol=1e-3, atol=1e-6)
 
 
@@ -57,7 +63,7 @@ def test_focal_loss_is_stable_for_large_logits():
   logits = jnp.array([[60.0, -60.0], [-60.0, 60.0]])
   loss = focal_memory_loss(logits, jnp.array([0, 0]), jnp.array([True, True]))
   assert np.all(np.isfinite(np.asarray(loss)))
-  assert float(loss[0]) < 1e-20          # confidently right
+  assert float(loss[0]) < 1e-20  # confidently right
   np.testing.assert_allclose(float(loss[1]), 2 * 60.0, rtol=1e-5)  # confidently wrong twice
 
 

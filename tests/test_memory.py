@@ -41,8 +41,9 @@ def test_update_shape_error():
 def tiny_state(tiny_config):
   model = build_model(tiny_config.model)
   tx = make_optimizer(tiny_config.optim, steps_per_epoch=10)
-  return model, create_train_state(model, tx, jax.random.key(0),
-                                   tuple(tiny_config.data.image_size), 8, tiny_config.loss)
+  return model, create_train_state(
+    model, tx, jax.random.key(0), tuple(tiny_config.data.image_size), 8, tiny_config.loss
+  )
 
 
 def test_step_reads_memory_before_writing(tiny_state, tiny_data, rng):
@@ -52,19 +53,24 @@ def test_step_reads_memory_before_writing(tiny_state, tiny_data, rng):
   old_memory = jnp.asarray(random_unit_maps(rng, 8, h, w, d))
   state = state.replace(class_memory=old_memory)
   idx = np.array([0, 9, 18, 27, 8, 17])  # labels 0, 1, 2, 3, 1, 2
-  batch = {"image": jnp.asarray(images[idx], jnp.float32) / 255.0,
-           "label": jnp.asarray(labels[idx])}
+  batch = {
+    "image": jnp.asarray(images[idx], jnp.float32) / 255.0,
+    "label": jnp.asarray(labels[idx]),
+  }
   variables = {"params": state.params, "batch_stats": state.batch_stats}
 
   def loss_against(memory):
-    (feats, logits), _ = model.apply(variables, batch["image"], memory=memory, train=True,
-                                     mutable=["batch_stats"])
-    return feats, float(jnp.mean(focal_memory_loss(logits, batch["label"],
-                                                   state.memory_valid, 2.0)))
+    (feats, logits), _ = model.apply(
+      variables, batch["image"], memory=memory, train=True, mutable=["batch_stats"]
+    )
+    return feats, float(
+      jnp.mean(focal_memory_loss(logits, batch["label"], state.memory_valid, 2.0))
+    )
 
   feats, loss_old = loss_against(old_memory)
   new_state, metrics = jax.jit(lambda s, b, r: train_step(s, b, r, gamma=2.0))(
-      state, batch, jax.random.key(0))
+    state, batch, jax.random.key(0)
+  )
   check_finite(metrics, 0)
   np.testing.assert_allclose(float(metrics["loss"]), loss_old, rtol=1e-5)
   mem = np.asarray(new_state.class_memory)

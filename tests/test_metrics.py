@@ -1,4 +1,4 @@
-"""Ranking metrics against a float64 per-query loop written from SPEC 5."""
+"""Ranking metrics against a float64 per-query loop written from docs/method.md §5."""
 
 import numpy as np
 import pytest
@@ -68,19 +68,26 @@ def test_hand_made_case():
 
 def test_ties_break_by_gallery_order():
   dist = np.zeros((1, 3), np.float32)  # all tied: the earlier column ranks first
-  r = evaluate_ranking(dist, np.array([1]), np.array([2, 1, 1]), np.array([0]),
-                       np.array([1, 1, 1]), max_rank=3)
+  r = evaluate_ranking(
+    dist, np.array([1]), np.array([2, 1, 1]), np.array([0]), np.array([1, 1, 1]), max_rank=3
+  )
   np.testing.assert_allclose(r["cmc"], [0, 1, 1])
   assert r["mAP"] == pytest.approx((1 / 2 + 2 / 3) / 2)
 
 
-@pytest.mark.parametrize("args, message", [
+@pytest.mark.parametrize(
+  "args, message",
+  [
     ((np.zeros((2, 3)), [1, 2], [1, 2], [0, 0], [1, 1, 1]), "gallery_pids must have length 3"),
     ((np.zeros((2, 3)), [1], [1, 2, 3], [0, 0], [1, 1, 1]), "query_pids must have length 2"),
-    ((np.array([[0.0, np.nan]]), [1], [1, 2], [0], [1, 1]), r"NaN/Inf \(first at query 0, gallery 1\)"),
+    (
+      (np.array([[0.0, np.nan]]), [1], [1, 2], [0], [1, 1]),
+      r"NaN/Inf \(first at query 0, gallery 1\)",
+    ),
     ((np.zeros((1, 0)), [1], [], [0], []), "empty query or gallery"),
     ((np.zeros((1, 2)), [1], [1, 2], [0], [0, 0]), "no query has a valid positive"),
-])
+  ],
+)
 def test_bad_input(args, message):
   dist, qp, gp, qc, gc = (np.asarray(a) for a in args)
   with pytest.raises(ValueError, match=message):

@@ -20,6 +20,7 @@ def torchvision_resnet_shapes(depth: int) -> dict[str, tuple]:
   def bn(name, c):
     for leaf in ("weight", "bias", "running_mean", "running_var"):
       shapes[f"{name}.{leaf}"] = (c,)
+
   bn("bn1", 64)
   inplanes = 64
   for s, count in enumerate(counts):
@@ -52,8 +53,9 @@ def torchvision_resnet_shapes(depth: int) -> dict[str, tuple]:
 
 def our_shapes_in_torch_layout(depth: int, final_stage: str) -> dict[str, tuple]:
   model = ResNet(depth=depth, final_stage=final_stage)
-  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 32, 3)),
-                                                train=False))
+  variables = jax.eval_shape(
+    lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 32, 3)), train=False)
+  )
   out = {}
   for collection in ("params", "batch_stats"):
     for path, leaf in jax.tree_util.tree_flatten_with_path(variables[collection])[0]:
@@ -80,9 +82,12 @@ def test_resnet_matches_torchvision_layout(depth, published_total):
 
 def test_resnet50_sample_paths():
   got = our_shapes_in_torch_layout(50, "layer3")
-  for key, shape in {"conv1.weight": (64, 3, 7, 7), "layer1.0.downsample.0.weight":
-                     (256, 64, 1, 1), "layer2.0.conv2.weight": (128, 128, 3, 3),
-                     "layer3.5.bn3.running_var": (1024,)}.items():
+  for key, shape in {
+    "conv1.weight": (64, 3, 7, 7),
+    "layer1.0.downsample.0.weight": (256, 64, 1, 1),
+    "layer2.0.conv2.weight": (128, 128, 3, 3),
+    "layer3.5.bn3.running_var": (1024,),
+  }.items():
     assert got[key] == shape
   assert torchvision_key("params", ["layer3_5", "bn3", "scale"]) == "layer3.5.bn3.weight"
 
@@ -90,11 +95,15 @@ def test_resnet50_sample_paths():
 def test_resnet_stride_16_and_stages():
   model = ResNet(depth=50)
   x = jnp.zeros((2, 384, 128, 3))
-  out = jax.eval_shape(lambda: model.init_with_output(jax.random.key(0), x, train=False,
-                                                      return_stages=True)[0])
+  out = jax.eval_shape(
+    lambda: model.init_with_output(jax.random.key(0), x, train=False, return_stages=True)[0]
+  )
   assert {k: v.shape for k, v in out.items()} == {
-      "stem": (2, 96, 32, 64), "layer1": (2, 96, 32, 256), "layer2": (2, 48, 16, 512),
-      "layer3": (2, 24, 8, 1024)}
+    "stem": (2, 96, 32, 64),
+    "layer1": (2, 96, 32, 256),
+    "layer2": (2, 48, 16, 512),
+    "layer3": (2, 24, 8, 1024),
+  }
   assert output_channels(50) == 1024 and output_channels(18) == 256
 
 
@@ -121,8 +130,9 @@ def _instance_norm_reference(x, scale, bias, eps=1e-5):
 def test_instance_norm_and_ibn_match_references(rng):
   x = rng.normal(loc=1.5, scale=2.0, size=(3, 5, 4, 6)).astype(np.float32)
   scale, bias = rng.uniform(0.5, 1.5, 6), rng.uniform(-0.2, 0.2, 6)
-  params = {"params": {"scale": jnp.asarray(scale, jnp.float32),
-                       "bias": jnp.asarray(bias, jnp.float32)}}
+  params = {
+    "params": {"scale": jnp.asarray(scale, jnp.float32), "bias": jnp.asarray(bias, jnp.float32)}
+  }
   y = InstanceNorm().apply(params, x)  # no running statistics: no train/eval mode
   np.testing.assert_allclose(np.asarray(y), _instance_norm_reference(x, scale, bias), atol=2e-5)
   # IBN: first c // 2 channels instance-normalised, the rest batch-normalised (eval stats).
@@ -130,25 +140,33 @@ def test_instance_norm_and_ibn_match_references(rng):
   variables = ibn.init(jax.random.key(0), x, train=False)
   assert variables["params"]["IN"]["scale"].shape == (3,)
   assert variables["batch_stats"]["BN"]["mean"].shape == (3,)
-  stats = {"mean": jnp.asarray(rng.normal(size=3), jnp.float32),
-           "var": jnp.asarray(rng.uniform(0.5, 2, 3), jnp.float32)}
+  stats = {
+    "mean": jnp.asarray(rng.normal(size=3), jnp.float32),
+    "var": jnp.asarray(rng.uniform(0.5, 2, 3), jnp.float32),
+  }
   y = np.asarray(ibn.apply({**variables, "batch_stats": {"BN": stats}}, x, train=False))
-  np.testing.assert_allclose(y[..., :3], _instance_norm_reference(x[..., :3], [1] * 3, [0] * 3),
-                             atol=2e-5)
+  np.testing.assert_allclose(
+    y[..., :3], _instance_norm_reference(x[..., :3], [1] * 3, [0] * 3), atol=2e-5
+  )
   ref_bn = (x[..., 3:] - np.asarray(stats["mean"])) / np.sqrt(np.asarray(stats["var"]) + 1e-5)
   np.testing.assert_allclose(y[..., 3:], ref_bn, atol=2e-5)
 
 
-@pytest.mark.parametrize("ibn, expect", [
-    ("a", {"bn1/scale", "layer1_0/bn1/IN/scale", "layer1_0/bn1/BN/scale",
-           "layer3_1/bn1/IN/scale"}),
+@pytest.mark.parametrize(
+  "ibn, expect",
+  [
+    ("a", {"bn1/scale", "layer1_0/bn1/IN/scale", "layer1_0/bn1/BN/scale", "layer3_1/bn1/IN/scale"}),
     ("b", {"bn1/scale", "layer1_1/IN/scale", "layer2_1/IN/scale"}),
-])
+  ],
+)
 def test_ibn_layouts(ibn, expect):
   """IBN-Net-a: IBN in bn1 of every block of layer1-3; -b: IN stem and an IN after the sum
   in the last block of layer1 and layer2 (ResNet-18: two blocks per stage)."""
-  variables = jax.eval_shape(lambda: ResNet(depth=18, width=8, ibn=ibn).init(
-      jax.random.key(0), jnp.zeros((1, 64, 32, 3)), train=False))
+  variables = jax.eval_shape(
+    lambda: ResNet(depth=18, width=8, ibn=ibn).init(
+      jax.random.key(0), jnp.zeros((1, 64, 32, 3)), train=False
+    )
+  )
   params = set(traverse_util.flatten_dict(variables["params"], sep="/"))
   stats = set(traverse_util.flatten_dict(variables["batch_stats"], sep="/"))
   assert expect <= params
@@ -171,12 +189,13 @@ def test_channel_batchnorm_matches_pytorch_semantics(rng):
   np.testing.assert_allclose(np.asarray(y), ((x - mean) / np.sqrt(var + 1e-5)), atol=1e-5)
   np.testing.assert_allclose(np.asarray(upd["batch_stats"]["mean"]), 0.1 * mean, rtol=1e-5)
   unbiased = flat.var(0, ddof=1)
-  np.testing.assert_allclose(np.asarray(upd["batch_stats"]["var"]), 0.9 + 0.1 * unbiased,
-                             rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(upd["batch_stats"]["var"]), 0.9 + 0.1 * unbiased, rtol=1e-5)
 
 
-@pytest.mark.parametrize("version, leaves", [("v1", {"conv": {"kernel"}, "bn": {"scale", "bias"}}),
-                                             ("v2.1", {"conv": {"kernel", "bias"}})])
+@pytest.mark.parametrize(
+  "version, leaves",
+  [("v1", {"conv": {"kernel"}, "bn": {"scale", "bias"}}), ("v2.1", {"conv": {"kernel", "bias"}})],
+)
 def test_neck_versions_and_unit_output(rng, version, leaves):
   x = rng.normal(size=(2, 3, 2, 16)).astype(np.float32)
   neck = Neck(dim=8, version=version)
@@ -197,8 +216,10 @@ def test_bfloat16_compute_keeps_float32_params(rng):
   f32 = QAConvModel(depth=18, width=16, neck_dim=16)
   bf16 = QAConvModel(depth=18, width=16, neck_dim=16, dtype=jnp.bfloat16)
   variables = jax.jit(f32.init, static_argnames="train")(jax.random.key(0), x, train=False)
-  assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(
-      jax.eval_shape(lambda: bf16.init(jax.random.key(0), x, train=False))))
+  assert all(
+    a.dtype == jnp.float32
+    for a in jax.tree.leaves(jax.eval_shape(lambda: bf16.init(jax.random.key(0), x, train=False)))
+  )
   embed = lambda m: jax.jit(lambda v, x: m.apply(v, x, train=False, method=QAConvModel.embed))
   a, b = embed(f32)(variables, x), embed(bf16)(variables, x)
   assert b.dtype == jnp.float32 and a.shape == b.shape == (2, 4, 2, 16)
@@ -213,5 +234,6 @@ def test_model_submodules_and_call(rng):
   assert set(variables["params"]) == {"backbone", "neck", "qaconv"}
   memory = jnp.zeros((5, 4, 2, 8))
   feats, logits = jax.jit(lambda v, x, m: model.apply(v, x, memory=m, train=False))(
-      variables, x, memory)
+    variables, x, memory
+  )
   assert feats.shape == (3, 4, 2, 8) and logits.shape == (3, 5)

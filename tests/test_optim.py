@@ -9,9 +9,17 @@ from qaconv_jax.optim import group_labels, learning_rate, lr_schedule, make_opti
 
 
 def _cfg(**kw):
-  base = dict(lr=0.01, schedule="step", decay_epochs=(1,), decay_factor=0.1, momentum=0.9,
-              nesterov=True, weight_decay=5e-4, lr_multipliers=(("^backbone/", 0.1),),
-              plateau_patience=2)
+  base = dict(
+    lr=0.01,
+    schedule="step",
+    decay_epochs=(1,),
+    decay_factor=0.1,
+    momentum=0.9,
+    nesterov=True,
+    weight_decay=5e-4,
+    lr_multipliers=(("^backbone/", 0.1),),
+    plateau_patience=2,
+  )
   base.update(kw)
   return ml_collections.ConfigDict(base)
 
@@ -30,10 +38,13 @@ def torch_sgd_ref(params, grads_seq, lrs, momentum, wd):
 
 
 def test_sgd_matches_torch_rule_with_groups_and_decay(rng):
-  params = {"backbone": {"w": rng.normal(size=(3, 2)).astype(np.float32)},
-            "neck": {"w": rng.normal(size=(4,)).astype(np.float32)}}
-  grads_seq = [jax.tree.map(lambda a: rng.normal(size=a.shape).astype(np.float32), params)
-               for _ in range(5)]
+  params = {
+    "backbone": {"w": rng.normal(size=(3, 2)).astype(np.float32)},
+    "neck": {"w": rng.normal(size=(4,)).astype(np.float32)},
+  }
+  grads_seq = [
+    jax.tree.map(lambda a: rng.normal(size=a.shape).astype(np.float32), params) for _ in range(5)
+  ]
   tx = make_optimizer(_cfg(), steps_per_epoch=2)  # x0.1 from step 2 on
   opt_state = tx.init(params)
   p = params
@@ -50,12 +61,17 @@ def test_sgd_matches_torch_rule_with_groups_and_decay(rng):
 
 
 def test_group_labels_by_regex():
-  params = {"backbone": {"conv1": {"kernel": 0}}, "neck": {"conv": {"kernel": 0}},
-            "qaconv": {"fc": {"bias": 0}}}
+  params = {
+    "backbone": {"conv1": {"kernel": 0}},
+    "neck": {"conv": {"kernel": 0}},
+    "qaconv": {"fc": {"bias": 0}},
+  }
   labels = group_labels(params, {"^backbone/": 0.1, "fc/bias$": 2.0})
-  assert labels == {"backbone": {"conv1": {"kernel": "^backbone/"}},
-                    "neck": {"conv": {"kernel": "default"}},
-                    "qaconv": {"fc": {"bias": "fc/bias$"}}}
+  assert labels == {
+    "backbone": {"conv1": {"kernel": "^backbone/"}},
+    "neck": {"conv": {"kernel": "default"}},
+    "qaconv": {"fc": {"bias": "fc/bias$"}},
+  }
 
 
 def test_schedules():
@@ -74,7 +90,7 @@ def test_plateau_scales_updates_down_when_the_loss_stops_improving():
   grads = {"neck": {"w": np.ones(3, np.float32)}}
   lrs, sizes = [], []
   losses = [5.0, 5.0, 4.0, 4.0] + [4.0] * 8  # improves in epoch 2, then flat
-  for i, loss in enumerate(losses):
+  for loss in losses:
     updates, state = tx.update(grads, state, params, value=np.float32(loss))
     sizes.append(float(-updates["neck"]["w"][0]))
     lrs.append(learning_rate(state))

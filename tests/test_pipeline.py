@@ -10,8 +10,14 @@ from PIL import Image
 
 from qaconv_jax.data.augment import ImageDecodeError, augment, decode, random_occlusion
 from qaconv_jax.data.datasets import load_dataset
-from qaconv_jax.data.pipeline import (EpochOrder, FolderSource, eval_batches, iterate,
-                                      steps_per_epoch, train_dataset)
+from qaconv_jax.data.pipeline import (
+  EpochOrder,
+  FolderSource,
+  eval_batches,
+  iterate,
+  steps_per_epoch,
+  train_dataset,
+)
 from qaconv_jax.data.synthetic import write_market_tree
 
 SIZE = (64, 32)
@@ -82,12 +88,15 @@ def test_deterministic_and_exact_resume(source, sampler):
 def test_hosts_read_disjoint_slices_of_the_same_global_batch(source):
   cfg = _cfg()
   whole = _take(iterate(train_dataset(source, cfg, seed=3, num_epochs=1)), 2)
-  parts = [_take(iterate(train_dataset(source, cfg, seed=3, num_epochs=1, host=h,
-                                       num_hosts=2)), 2) for h in range(2)]
+  parts = [
+    _take(iterate(train_dataset(source, cfg, seed=3, num_epochs=1, host=h, num_hosts=2)), 2)
+    for h in range(2)
+  ]
   for step in range(2):
     for k in whole[step]:
       np.testing.assert_array_equal(
-          np.concatenate([parts[0][step][k], parts[1][step][k]]), whole[step][k])
+        np.concatenate([parts[0][step][k], parts[1][step][k]]), whole[step][k]
+      )
 
 
 def test_augmentations_shapes_and_ranges(tree):
@@ -150,6 +159,7 @@ def test_corrupt_image_names_the_file(tmp_path, tree):
 
 def test_tfds_prepare_and_read_back_without_tensorflow(tmp_path, tree):
   from qaconv_jax.data.tfds_builders import TfdsSource, prepare
+
   prepare("market1501", tree, str(tmp_path / "tfds"))
   ds = load_dataset("market1501", tree)
   for split in ("train", "query", "gallery"):
@@ -173,6 +183,7 @@ def test_tfds_prepare_and_read_back_without_tensorflow(tmp_path, tree):
 def test_open_source_from_config(tmp_path, tree):
   from qaconv_jax.data.pipeline import open_source
   from qaconv_jax.data.tfds_builders import prepare
+
   cfg = ml_collections.ConfigDict(dict(dataset="market1501", root=tree, tfds_dir=""))
   raw = open_source(cfg, "query")
   prepare("market1501", tree, str(tmp_path))
@@ -181,11 +192,13 @@ def test_open_source_from_config(tmp_path, tree):
   assert len(raw) == len(prepared) > 0
   assert sorted(raw.pids.tolist()) == sorted(prepared.pids.tolist())
   with pytest.raises(ValueError, match="set config.data.root"):
-    open_source(ml_collections.ConfigDict(dict(dataset="market1501", root="", tfds_dir="")),
-                "train")
+    open_source(
+      ml_collections.ConfigDict(dict(dataset="market1501", root="", tfds_dir="")), "train"
+    )
 
 
 def test_tfds_unprepared_dir_says_how_to_prepare(tmp_path):
   from qaconv_jax.data.tfds_builders import TfdsSource
+
   with pytest.raises(FileNotFoundError, match="qaconv_jax.data.prepare --dataset market1501"):
     TfdsSource("market1501", "train", str(tmp_path))

@@ -1,12 +1,17 @@
-"""The matcher and both heads against float64 loop references (SPEC 2)."""
+"""The matcher and both heads against float64 loop references (docs/method.md §2)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qaconv_jax.models.qaconv import (QAConv, match_maxima, match_maxima_with_indices,
-                                      qaconv_distance, qaconv_score)
+from qaconv_jax.models.qaconv import (
+  QAConv,
+  match_maxima,
+  match_maxima_with_indices,
+  qaconv_distance,
+  qaconv_score,
+)
 from tests.conftest import random_unit_maps
 from tests.reference import match_maxima_ref, scalar_bn_ref
 
@@ -51,11 +56,11 @@ def _maxima_grads_ref(probe, gallery, cot):
   d_p, d_g = np.zeros(pf.shape), np.zeros(gf.shape)
   for i in range(p):
     for j in range(gf.shape[0]):
-      for r in range(hw):   # gallery-indexed maximum: P[i, s*] . G[j, r]
+      for r in range(hw):  # gallery-indexed maximum: P[i, s*] . G[j, r]
         s_star = idx[i, j, r]
         d_p[i, s_star] += cot[i, j, r] * gf[j, r]
         d_g[j, r] += cot[i, j, r] * pf[i, s_star]
-      for s in range(hw):   # probe-indexed maximum: P[i, s] . G[j, r*]
+      for s in range(hw):  # probe-indexed maximum: P[i, s] . G[j, r*]
         r_star = idx[i, j, hw + s]
         d_p[i, s] += cot[i, j, hw + s] * gf[j, r_star]
         d_g[j, r_star] += cot[i, j, hw + s] * pf[i, s]
@@ -89,11 +94,14 @@ def test_match_maxima_gradient_goes_to_first_argmax_on_ties():
   np.testing.assert_allclose(np.asarray(grad).reshape(2, 4), [[1, 1, 0, 0], [0, 0, 0, 0]])
 
 
-@pytest.mark.parametrize("probe_shape, gallery_shape, message", [
+@pytest.mark.parametrize(
+  "probe_shape, gallery_shape, message",
+  [
     ((2, 3, 2, 8), (2, 3, 2, 4), r"share \(h, w, d\)"),
     ((2, 3, 2, 8), (2, 2, 3, 8), r"share \(h, w, d\)"),
     ((2, 6, 8), (2, 6, 8), r"\[n, h, w, d\]"),
-])
+  ],
+)
 def test_match_maxima_shape_errors(probe_shape, gallery_shape, message):
   with pytest.raises(ValueError, match=message):
     match_maxima(jnp.zeros(probe_shape), jnp.zeros(gallery_shape))
@@ -102,17 +110,18 @@ def test_match_maxima_shape_errors(probe_shape, gallery_shape, message):
 def _random_head_variables(rng, head, hw):
   fan_in = 2 * hw if head == "v1" else hw
   return {
-      "params": {
-          "bn": {"scale": np.float32(rng.uniform(0.5, 2)), "bias": np.float32(rng.normal())},
-          "fc": {"kernel": rng.normal(size=(fan_in, 1)).astype(np.float32),
-                 "bias": rng.normal(size=(1,)).astype(np.float32)},
-          "logit_bn": {"scale": np.float32(rng.uniform(0.5, 2)),
-                       "bias": np.float32(rng.normal())},
+    "params": {
+      "bn": {"scale": np.float32(rng.uniform(0.5, 2)), "bias": np.float32(rng.normal())},
+      "fc": {
+        "kernel": rng.normal(size=(fan_in, 1)).astype(np.float32),
+        "bias": rng.normal(size=(1,)).astype(np.float32),
       },
-      "batch_stats": {
-          "bn": {"mean": np.float32(rng.normal() * 0.1), "var": np.float32(rng.uniform(0.5, 2))},
-          "logit_bn": {"mean": np.float32(rng.normal()), "var": np.float32(rng.uniform(1, 3))},
-      },
+      "logit_bn": {"scale": np.float32(rng.uniform(0.5, 2)), "bias": np.float32(rng.normal())},
+    },
+    "batch_stats": {
+      "bn": {"mean": np.float32(rng.normal() * 0.1), "var": np.float32(rng.uniform(0.5, 2))},
+      "logit_bn": {"mean": np.float32(rng.normal()), "var": np.float32(rng.uniform(1, 3))},
+    },
   }
 
 
@@ -120,8 +129,9 @@ def _head_ref(probe, gallery, variables, head, train):
   x, _ = match_maxima_ref(probe, gallery)
   hw = x.shape[-1] // 2
   par, st = variables["params"], variables["batch_stats"]
-  x, bn_mean, bn_var = scalar_bn_ref(x, par["bn"]["scale"], par["bn"]["bias"],
-                                     st["bn"]["mean"], st["bn"]["var"], train)
+  x, bn_mean, bn_var = scalar_bn_ref(
+    x, par["bn"]["scale"], par["bn"]["bias"], st["bn"]["mean"], st["bn"]["var"], train
+  )
   k, b = par["fc"]["kernel"][:, 0].astype(np.float64), float(par["fc"]["bias"][0])
   logits = np.zeros(x.shape[:2])
   for i in range(x.shape[0]):
@@ -130,8 +140,14 @@ def _head_ref(probe, gallery, variables, head, train):
         logits[i, j] = np.dot(x[i, j], k) + b
       else:
         logits[i, j] = (np.dot(x[i, j, :hw], k) + b) + (np.dot(x[i, j, hw:], k) + b)
-  y, lm, lv = scalar_bn_ref(logits, par["logit_bn"]["scale"], par["logit_bn"]["bias"],
-                            st["logit_bn"]["mean"], st["logit_bn"]["var"], train)
+  y, lm, lv = scalar_bn_ref(
+    logits,
+    par["logit_bn"]["scale"],
+    par["logit_bn"]["bias"],
+    st["logit_bn"]["mean"],
+    st["logit_bn"]["var"],
+    train,
+  )
   return y, {"bn": (bn_mean, bn_var), "logit_bn": (lm, lv)}
 
 
@@ -160,9 +176,12 @@ def test_qaconv_init_names_and_shapes():
   variables = jax.eval_shape(lambda: module.init(jax.random.key(0), x, x, train=False))
   shapes = jax.tree.map(lambda a: a.shape, variables)
   assert shapes == {
-      "params": {"bn": {"scale": (), "bias": ()}, "fc": {"kernel": (12, 1), "bias": (1,)},
-                 "logit_bn": {"scale": (), "bias": ()}},
-      "batch_stats": {"bn": {"mean": (), "var": ()}, "logit_bn": {"mean": (), "var": ()}},
+    "params": {
+      "bn": {"scale": (), "bias": ()},
+      "fc": {"kernel": (12, 1), "bias": (1,)},
+      "logit_bn": {"scale": (), "bias": ()},
+    },
+    "batch_stats": {"bn": {"mean": (), "var": ()}, "logit_bn": {"mean": (), "var": ()}},
   }
 
 
@@ -177,8 +196,10 @@ def test_v2_head_is_symmetric_in_eval(rng):
   # v1 is not symmetric: its two halves have their own weights.
   v1 = QAConv(head="v1")
   v1_vars = v1.init(jax.random.key(0), a, b, train=False)
-  asym = np.abs(np.asarray(v1.apply(v1_vars, a, b, train=False))
-                - np.asarray(v1.apply(v1_vars, b, a, train=False)).T).max()
+  asym = np.abs(
+    np.asarray(v1.apply(v1_vars, a, b, train=False))
+    - np.asarray(v1.apply(v1_vars, b, a, train=False)).T
+  ).max()
   assert asym > 1e-3
 
 
@@ -193,6 +214,7 @@ def test_default_init_follows_pytorch(rng):
 
 def test_score_and_distance():
   logits = jnp.array([-20.0, 0.0, 10.0])
-  np.testing.assert_allclose(np.asarray(qaconv_score(logits)),
-                             1 / (1 + np.exp(-np.array([-2.0, 0.0, 1.0]))), rtol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(qaconv_score(logits)), 1 / (1 + np.exp(-np.array([-2.0, 0.0, 1.0]))), rtol=1e-6
+  )
   np.testing.assert_allclose(np.asarray(qaconv_distance(logits) + qaconv_score(logits)), 1.0)

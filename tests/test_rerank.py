@@ -14,7 +14,8 @@ def rerank_ref(qg, qq, gg, k1, k2, lam):
   rank = np.argsort(d, axis=1, kind="stable")
 
   def krecip(i, k):
-    return np.array([j for j in rank[i, :k + 1] if i in rank[j, :k + 1]])
+    return np.array([j for j in rank[i, : k + 1] if i in rank[j, : k + 1]])
+
   v = np.zeros((n, n))
   for i in range(n):
     r = krecip(i, k1)
@@ -46,8 +47,9 @@ def _clustered(rng, p, g, ids=6):
   return d[:p, p:], d[:p, :p], d[p:, p:]
 
 
-@pytest.mark.parametrize("seed, k1, k2, lam", [(0, 20, 6, 0.3), (1, 6, 3, 0.3),
-                                               (2, 8, 1, 0.5), (3, 4, 2, 0.0)])
+@pytest.mark.parametrize(
+  "seed, k1, k2, lam", [(0, 20, 6, 0.3), (1, 6, 3, 0.3), (2, 8, 1, 0.5), (3, 4, 2, 0.0)]
+)
 def test_matches_dense_reference(seed, k1, k2, lam):
   rng = np.random.default_rng(seed)
   qg, qq, gg = _clustered(rng, 14, 40)
@@ -73,6 +75,7 @@ def test_reranking_helps_on_clustered_data():
       ranks = np.flatnonzero(hits)
       aps.append(np.mean((np.arange(len(ranks)) + 1) / (ranks + 1)))
     return np.mean(aps)
+
   assert mean_ap(k_reciprocal_rerank(qg, qq, gg, k1=8, k2=3)) > mean_ap(qg) + 0.02
 
 
@@ -85,13 +88,17 @@ def test_bad_input():
     k_reciprocal_rerank(np.ones((3, 4)), np.ones((3, 3)), np.ones((4, 4)))
 
 
-@pytest.mark.parametrize("kwargs, message", [
+@pytest.mark.parametrize(
+  "kwargs, message",
+  [
     (dict(k1=5, k2=7), r"k2=7: expected an integer in \[1, k1 \+ 1\] = \[1, 6\]"),
     (dict(k1=0, k2=1), r"k1=0: expected an integer >= 1"),
     (dict(k1=-3, k2=1), r"k1=-3: expected an integer >= 1"),
     (dict(k1=5, k2=0), r"k2=0: expected an integer in \[1, k1 \+ 1\]"),
     (dict(k1=5, k2=3, lambda_value=1.5), r"lambda_value=1.5: expected a weight in \[0, 1\]"),
-    (dict(k1=5, k2=3, lambda_value=-0.1), r"lambda_value=-0.1: expected a weight in \[0, 1\]")])
+    (dict(k1=5, k2=3, lambda_value=-0.1), r"lambda_value=-0.1: expected a weight in \[0, 1\]"),
+  ],
+)
 def test_parameters_outside_their_ranges_are_refused(kwargs, message):
   # k2 > k1 + 1 used to read past each row's neighbour list and return wrong rows silently.
   qg, qq, gg = _clustered(np.random.default_rng(0), 10, 30)
@@ -101,8 +108,12 @@ def test_parameters_outside_their_ranges_are_refused(kwargs, message):
 
 def test_k2_at_its_limit_still_matches_the_reference():
   qg, qq, gg = _clustered(np.random.default_rng(2), 10, 30)
-  np.testing.assert_allclose(k_reciprocal_rerank(qg, qq, gg, k1=5, k2=6),
-                             rerank_ref(qg, qq, gg, 5, 6, 0.3), rtol=2e-5, atol=2e-6)
+  np.testing.assert_allclose(
+    k_reciprocal_rerank(qg, qq, gg, k1=5, k2=6),
+    rerank_ref(qg, qq, gg, 5, 6, 0.3),
+    rtol=2e-5,
+    atol=2e-6,
+  )
 
 
 def test_ties_break_by_index_like_a_stable_sort():

@@ -3,8 +3,13 @@
 import numpy as np
 import pytest
 
-from qaconv_jax.data.splits import (Subset, check_class_ids, check_labels, holdout_identities,
-                                    num_holdout)
+from qaconv_jax.data.splits import (
+  Subset,
+  check_class_ids,
+  check_labels,
+  holdout_identities,
+  num_holdout,
+)
 from qaconv_jax.errors import ConfigError, DataError
 
 
@@ -33,10 +38,14 @@ def test_counts_and_fractions(val_ids, expected):
   assert num_holdout(20, val_ids) == expected
 
 
-@pytest.mark.parametrize("val_ids, message", [
+@pytest.mark.parametrize(
+  "val_ids, message",
+  [
     (-1, r"val_ids=-1: expected 0 \(no validation split\), a count >= 1 or a fraction"),
     (2.5, r"val_ids=2.5: expected 0"),
-    (19, r"val_ids=19 holds out 19 of 20 training identities; at least 2 must remain")])
+    (19, r"val_ids=19 holds out 19 of 20 training identities; at least 2 must remain"),
+  ],
+)
 def test_bad_val_ids_are_refused_by_name(val_ids, message):
   with pytest.raises(ConfigError, match=message):
     num_holdout(20, val_ids)
@@ -76,10 +85,14 @@ def test_subset_relabels_training_ids_contiguously(rng):
   assert q.names == [src.names[i] for i in query]
 
 
-@pytest.mark.parametrize("pids, message", [
+@pytest.mark.parametrize(
+  "pids, message",
+  [
     ([0, 1, 5, 5], r"contiguous class ids 0..2 .* found 3 ids from 0 to 5, missing \[2, 3, 4\]"),
     ([1, 2, 3], r"found 3 ids from 1 to 3, missing \[0\]"),
-    ([-1, 0, 1], r"found 3 ids from -1 to 1\.")])
+    ([-1, 0, 1], r"found 3 ids from -1 to 1\."),
+  ],
+)
 def test_non_contiguous_class_ids_are_refused(pids, message):
   with pytest.raises(DataError, match=message):
     check_class_ids(np.array(pids), "market1501 training set")

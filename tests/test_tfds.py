@@ -54,12 +54,17 @@ def test_metadata_matches_the_folders_bit_for_bit(prepared, split):
 
 def test_metadata_is_read_without_the_records(prepared, monkeypatch):
   from tensorflow_datasets.core.data_sources import base
+
   reads = []
   get_one, get_many = base.BaseDataSource.__getitem__, base.BaseDataSource.__getitems__
-  monkeypatch.setattr(base.BaseDataSource, "__getitem__",
-                      lambda self, i: reads.append(i) or get_one(self, i))
-  monkeypatch.setattr(base.BaseDataSource, "__getitems__",
-                      lambda self, keys: reads.extend(keys) or get_many(self, keys))
+  monkeypatch.setattr(
+    base.BaseDataSource, "__getitem__", lambda self, i: reads.append(i) or get_one(self, i)
+  )
+  monkeypatch.setattr(
+    base.BaseDataSource,
+    "__getitems__",
+    lambda self, keys: reads.extend(keys) or get_many(self, keys),
+  )
   src = TfdsSource("market1501", "train", prepared[1])
   n = len(src)
   assert n > 10
@@ -68,11 +73,15 @@ def test_metadata_is_read_without_the_records(prepared, monkeypatch):
 
 def test_older_version_says_prepare_again(prepared, tmp_path):
   data_dir = _copy(prepared, tmp_path)
-  os.rename(os.path.join(data_dir, "market1501", VERSION),
-            os.path.join(data_dir, "market1501", "1.0.0"))
-  with pytest.raises(FileNotFoundError, match=r"prepared by an older version of its builder "
-                     r"\(1\.0\.0\).*prepare it again with the same command: python -m "
-                     r"qaconv_jax\.data\.prepare --dataset market1501"):
+  os.rename(
+    os.path.join(data_dir, "market1501", VERSION), os.path.join(data_dir, "market1501", "1.0.0")
+  )
+  with pytest.raises(
+    FileNotFoundError,
+    match=r"prepared by an older version of its builder "
+    r"\(1\.0\.0\).*prepare it again with the same command: python -m "
+    r"qaconv_jax\.data\.prepare --dataset market1501",
+  ):
     TfdsSource("market1501", "query", data_dir)
 
 
@@ -91,7 +100,10 @@ def test_inconsistent_metadata_says_prepare_again(prepared, tmp_path, change):
     del meta["gallery"]
   with open(path, "w") as f:
     json.dump(meta, f)
-  with pytest.raises(ValueError, match=r"prepared market1501 dataset in .* is inconsistent; "
-                     r"prepare it again: python -m qaconv_jax\.data\.prepare"):
+  with pytest.raises(
+    ValueError,
+    match=r"prepared market1501 dataset in .* is inconsistent; "
+    r"prepare it again: python -m qaconv_jax\.data\.prepare",
+  ):
     TfdsSource("market1501", "gallery", data_dir)
   TfdsSource("market1501", "query", data_dir)  # the untouched split still opens

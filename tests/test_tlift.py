@@ -31,9 +31,15 @@ def _problem(rng, p=30, g=50, n_qcam=3, n_gcam=4):
   return score, qc, qt, gc, gt
 
 
-@pytest.mark.parametrize("seed, tau, sigma, k, alpha", [
-    (0, 100.0, 200.0, 10, 0.2), (1, 50.0, 100.0, 3, 0.0), (2, 1000.0, 50.0, 10, 0.2),
-    (3, 1e-3, 200.0, 2, 0.5)])
+@pytest.mark.parametrize(
+  "seed, tau, sigma, k, alpha",
+  [
+    (0, 100.0, 200.0, 10, 0.2),
+    (1, 50.0, 100.0, 3, 0.0),
+    (2, 1000.0, 50.0, 10, 0.2),
+    (3, 1e-3, 200.0, 2, 0.5),
+  ],
+)
 def test_matches_per_probe_reference(seed, tau, sigma, k, alpha):
   rng = np.random.default_rng(seed)
   score, qc, qt, gc, gt = _problem(rng)
@@ -73,8 +79,9 @@ def test_ties_count_every_entry_at_the_threshold(levels, offset):
   qt[:] = 0.0  # one block per camera holding every probe
   qt, gt = qt + offset, gt + offset  # every block here takes the float64 fallback: check it
   got = np.asarray(temporal_lift(score, qc, qt, gc, gt, k=3))
-  np.testing.assert_allclose(got, tlift_ref(score, qc, qt, gc, gt, 100.0, 200.0, 3, 0.2),
-                             rtol=2e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    got, tlift_ref(score, qc, qt, gc, gt, 100.0, 200.0, 3, 0.2), rtol=2e-5, atol=1e-6
+  )
 
 
 def test_empty_gallery_camera_is_skipped_and_small_blocks_use_all():
@@ -82,15 +89,19 @@ def test_empty_gallery_camera_is_skipped_and_small_blocks_use_all():
   score, qc, qt, gc, gt = _problem(rng, p=6, g=5, n_gcam=1)
   gc = np.where(np.arange(5) < 2, 0, 5)  # cameras 1-4 have no gallery images
   got = np.asarray(temporal_lift(score, qc, qt, gc, gt, tau=1.0, k=10))
-  np.testing.assert_allclose(got, tlift_ref(score, qc, qt, gc, gt, 1.0, 200.0, 10, 0.2),
-                             rtol=2e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    got, tlift_ref(score, qc, qt, gc, gt, 1.0, 200.0, 10, 0.2), rtol=2e-5, atol=1e-6
+  )
 
 
-@pytest.mark.parametrize("change, message", [
+@pytest.mark.parametrize(
+  "change, message",
+  [
     (lambda a: a.update(qt=np.full(30, np.nan)), "finite time stamp"),
     (lambda a: a.update(gc=a["gc"][:-1]), "gallery_cams must have length 50"),
     (lambda a: a.update(score=a["score"][0]), r"score must be \[num_query"),
-])
+  ],
+)
 def test_bad_input(change, message):
   score, qc, qt, gc, gt = _problem(np.random.default_rng(0))
   a = dict(score=score, qc=qc, qt=qt, gc=gc, gt=gt)

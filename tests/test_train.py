@@ -15,17 +15,21 @@ def test_tiny_model_learns_identities(tiny_config, tiny_data):
   num_ids, per_id = 8, 8
   model = build_model(tiny_config.model)
   tx = make_optimizer(tiny_config.optim, steps_per_epoch=1000)
-  state = create_train_state(model, tx, jax.random.key(0), tuple(tiny_config.data.image_size),
-                             num_ids, tiny_config.loss)
+  state = create_train_state(
+    model, tx, jax.random.key(0), tuple(tiny_config.data.image_size), num_ids, tiny_config.loss
+  )
   step = make_train_step(tiny_config.loss)
   sampler = np.random.default_rng(0)
   history = []
   for i in range(50):
     # P x K = 8 ids x 2 images
-    idx = np.concatenate([sampler.choice(per_id, 2, replace=False) + c * per_id
-                          for c in range(num_ids)])
-    batch = {"image": jnp.asarray(images[idx], jnp.float32) / 255.0,
-             "label": jnp.asarray(labels[idx])}
+    idx = np.concatenate(
+      [sampler.choice(per_id, 2, replace=False) + c * per_id for c in range(num_ids)]
+    )
+    batch = {
+      "image": jnp.asarray(images[idx], jnp.float32) / 255.0,
+      "label": jnp.asarray(labels[idx]),
+    }
     state, metrics = step(state, batch, jax.random.key(1))
     check_finite(metrics, i)
     history.append({k: float(v) for k, v in metrics.items()})

@@ -33,8 +33,10 @@ def _cfg(**overrides):
 
 def _leaves(workdir):
   step, state = checkpoint.restore_latest(workdir)
-  return step, {jax.tree_util.keystr(p): np.asarray(v)
-                for p, v in jax.tree_util.tree_flatten_with_path(state)[0]}
+  return step, {
+    jax.tree_util.keystr(p): np.asarray(v)
+    for p, v in jax.tree_util.tree_flatten_with_path(state)[0]
+  }
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +57,10 @@ def test_run_writes_checkpoints_metrics_and_config(straight_run):
   assert rows[0]["lr"] == pytest.approx(0.1)
   with open(os.path.join(straight_run, "config.json")) as f:
     assert json.load(f)["model"]["depth"] == 18
-  assert any(f.startswith("events.out.tfevents") for f in
-             os.listdir(os.path.join(straight_run, "tensorboard")))
+  assert any(
+    f.startswith("events.out.tfevents")
+    for f in os.listdir(os.path.join(straight_run, "tensorboard"))
+  )
 
 
 def test_interrupted_and_resumed_run_equals_straight_run(straight_run, tmp_path):
@@ -76,8 +80,7 @@ def test_nan_stops_cleanly_keeping_the_last_checkpoint(tmp_path):
   with pytest.raises(FloatingPointError, match=r"step 4.*last good checkpoint \(step 2\)"):
     train_and_evaluate(_cfg(debug_nan_step=3), workdir)
   step, leaves = _leaves(workdir)
-  assert step == 2 and all(np.isfinite(v).all() for v in leaves.values()
-                           if v.dtype.kind == "f")
+  assert step == 2 and all(np.isfinite(v).all() for v in leaves.values() if v.dtype.kind == "f")
 
 
 def test_resume_with_another_model_names_the_mismatch(straight_run, tmp_path):
@@ -88,12 +91,25 @@ def test_resume_with_another_model_names_the_mismatch(straight_run, tmp_path):
 
 
 def _train_py(workdir, devices, extra=(), max_steps=2):
-  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-         "JAX_PLATFORMS": "cpu"}
-  cmd = [sys.executable, "train.py", "--config", "configs/default.py:tiny", "--workdir", workdir,
-         f"--config.max_steps={max_steps}", "--config.eval.testsets=", *extra]
-  return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+  env = {
+    **os.environ,
+    "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+    "JAX_PLATFORMS": "cpu",
+  }
+  cmd = [
+    sys.executable,
+    "train.py",
+    "--config",
+    "configs/default.py:tiny",
+    "--workdir",
+    workdir,
+    f"--config.max_steps={max_steps}",
+    "--config.eval.testsets=",
+    *extra,
+  ]
+  return subprocess.Popen(
+    cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+  )
 
 
 def _finish(proc):
@@ -106,9 +122,22 @@ def _two_processes(workdir, max_steps=2):
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
-  procs = [_train_py(workdir, 2, ["--coordinator_address", f"127.0.0.1:{port}",
-                                  "--num_processes", "2", "--process_id", str(i)], max_steps)
-           for i in range(2)]
+  procs = [
+    _train_py(
+      workdir,
+      2,
+      [
+        "--coordinator_address",
+        f"127.0.0.1:{port}",
+        "--num_processes",
+        "2",
+        "--process_id",
+        str(i),
+      ],
+      max_steps,
+    )
+    for i in range(2)
+  ]
   return [_finish(p) for p in procs]
 
 
@@ -157,8 +186,12 @@ def test_resume_on_another_number_of_processes(four_device_run, two_process_run,
   # with the other topology's own step-2 checkpoint would not do: its 5e-5 float-order
   # difference grows to ~3e-3 in two steps from scratch at lr 0.1.)
   runs = {n: str(tmp_path / n) for n in ("one", "one_to_two", "two", "two_to_one")}
-  for name, src in (("one", four_device_run), ("one_to_two", four_device_run),
-                    ("two", two_process_run), ("two_to_one", two_process_run)):
+  for name, src in (
+    ("one", four_device_run),
+    ("one_to_two", four_device_run),
+    ("two", two_process_run),
+    ("two_to_one", two_process_run),
+  ):
     shutil.copytree(src, runs[name])
   assert "resumed from" in _finish(_train_py(runs["one"], 4, max_steps=4))
   assert "at step 2" in _finish(_train_py(runs["two_to_one"], 4, max_steps=4))
@@ -169,15 +202,16 @@ def test_resume_on_another_number_of_processes(four_device_run, two_process_run,
     _, want = _leaves(runs[same_topology])
     assert step == 4
     for k in want:
-      np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-5,
-                                 err_msg=f"{resumed}: {k}")
+      np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-5, err_msg=f"{resumed}: {k}")
 
 
 def test_validation_split_keeps_the_best_checkpoint(tmp_path):
   # 8 synthetic training identities: 2 held out for validation, 6 trained on (P x K = 4 x 2).
   workdir = str(tmp_path)
-  out = train_and_evaluate(_cfg(eval_every=2, **{"data.val_ids": 2.0, "data.batch_size": 8,
-                                                 "checkpoint.keep_best": True}), workdir)
+  out = train_and_evaluate(
+    _cfg(eval_every=2, **{"data.val_ids": 2.0, "data.batch_size": 8, "checkpoint.keep_best": True}),
+    workdir,
+  )
   assert out["step"] == 6 and 0 <= out["val"]["mAP"] <= 100
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     val = [json.loads(line) for line in f if '"kind": "val"' in line]
@@ -196,8 +230,7 @@ def test_validation_split_keeps_the_best_checkpoint(tmp_path):
 
 def test_init_from_another_workdir(straight_run, tmp_path):
   # lr = 0: one step leaves the parameters where init_from put them.
-  train_and_evaluate(_cfg(max_steps=1, init_from=straight_run, **{"optim.lr": 0.0}),
-                     str(tmp_path))
+  train_and_evaluate(_cfg(max_steps=1, init_from=straight_run, **{"optim.lr": 0.0}), str(tmp_path))
   _, start = _leaves(straight_run)
   _, fresh = _leaves(str(tmp_path))
   params = [k for k in start if k.startswith("['params']")]

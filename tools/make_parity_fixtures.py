@@ -2,7 +2,7 @@
 
     python tools/make_parity_fixtures.py [--out tests/fixtures/parity]
 
-The reference modules below are plain torch written from SPEC sections 1-3 and the published
+The reference modules below are plain torch written from docs/method.md §1-§3 and the published
 key layouts (torchvision ResNet, IBN-Net's resnet*_ibn_{a,b}, the official QAConv ``resmap``
 model and its v1.x ``QAConvLoss`` / v2.x ``ClassMemoryLoss`` + ``QAConv`` matcher), with small
 widths and random weights, so the fixtures stay small (~1.7 MB together).
@@ -40,8 +40,9 @@ class IBN(nn.Module):
     self.BN = nn.BatchNorm2d(planes - self.half)
 
   def forward(self, x):
-    return torch.cat([self.IN(x[:, :self.half].contiguous()),
-                      self.BN(x[:, self.half:].contiguous())], dim=1)
+    return torch.cat(
+      [self.IN(x[:, : self.half].contiguous()), self.BN(x[:, self.half :].contiguous())], dim=1
+    )
 
 
 class Block(nn.Module):
@@ -66,8 +67,9 @@ class Block(nn.Module):
       self.bn3 = nn.BatchNorm2d(out)
     self.downsample = None
     if stride != 1 or inplanes != out:
-      self.downsample = nn.Sequential(nn.Conv2d(inplanes, out, 1, stride, bias=False),
-                                      nn.BatchNorm2d(out))
+      self.downsample = nn.Sequential(
+        nn.Conv2d(inplanes, out, 1, stride, bias=False), nn.BatchNorm2d(out)
+      )
     self.IN = nn.InstanceNorm2d(out, affine=True) if ibn == "b" else None
 
   def forward(self, x):
@@ -87,8 +89,7 @@ class ResNet(nn.Module):
   """torchvision / IBN-Net ResNet at a reduced ``width``; ``stages`` = how many are built
   (4 with the ImageNet ``fc``, as a real checkpoint has; 3 = trimmed at layer3)."""
 
-  def __init__(self, depth: int, width: int, ibn: str = "", stages: int = 4,
-               num_classes: int = 10):
+  def __init__(self, depth: int, width: int, ibn: str = "", stages: int = 4, num_classes: int = 10):
     super().__init__()
     kind, counts = ARCHS[depth]
     expansion = 1 if kind == "basic" else 4
@@ -99,8 +100,13 @@ class ResNet(nn.Module):
       planes = width * 2**s
       blocks = []
       for b in range(counts[s]):
-        block_ibn = ("a" if ibn == "a" and s < 3 else
-                     "b" if ibn == "b" and s < 2 and b == counts[s] - 1 else "")
+        block_ibn = (
+          "a"
+          if ibn == "a" and s < 3
+          else "b"
+          if ibn == "b" and s < 2 and b == counts[s] - 1
+          else ""
+        )
         blocks.append(Block(kind, inplanes, planes, 2 if (b == 0 and s > 0) else 1, block_ibn))
         inplanes = planes * expansion
       setattr(self, STAGES[s], nn.Sequential(*blocks))
@@ -193,7 +199,8 @@ class V2Criterion(nn.Module):
 
 
 def focal_loss(logits, targets, valid):
-  """SPEC 3: per-sample ``sum_c valid_c * -(1 - p_hat)^2 log p_hat``, as the official code."""
+  """docs/method.md §3: per-sample ``sum_c valid_c * -(1 - p_hat)^2 log p_hat``, as the
+  official code."""
   onehot = torch.zeros_like(logits).scatter(1, targets[:, None], 1.0)
   bce = F.binary_cross_entropy_with_logits(logits, onehot, reduction="none")
   prob = logits.sigmoid()
@@ -213,8 +220,7 @@ def randomize(module: nn.Module, gen: torch.Generator) -> None:
       nn.init.uniform_(m.weight, 0.5, 1.5, generator=gen)
       nn.init.uniform_(m.bias, -0.2, 0.2, generator=gen)
     elif isinstance(m, nn.Linear):
-      nn.init.uniform_(m.weight, -1.0 / m.in_features**0.5, 1.0 / m.in_features**0.5,
-                       generator=gen)
+      nn.init.uniform_(m.weight, -1.0 / m.in_features**0.5, 1.0 / m.in_features**0.5, generator=gen)
       nn.init.uniform_(m.bias, -0.5, 0.5, generator=gen)
 
 
@@ -243,8 +249,11 @@ def count(module: nn.Module, skip=("layer4.", "fc.")) -> tuple[int, int]:
   unused layer4 / ImageNet classifier and ``num_batches_tracked``."""
   used = lambda k: not any(k.startswith(s) or f".{s}" in k for s in skip)
   params = sum(p.numel() for k, p in module.named_parameters() if used(k))
-  buffers = sum(b.numel() for k, b in module.named_buffers()
-                if used(k) and k.endswith(("running_mean", "running_var")))
+  buffers = sum(
+    b.numel()
+    for k, b in module.named_buffers()
+    if used(k) and k.endswith(("running_mean", "running_var"))
+  )
   return params, buffers
 
 
@@ -259,8 +268,9 @@ def as_u8(x: torch.Tensor) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- cases
-def backbone_case(out: str, name: str, depth: int, width: int, ibn: str, stages: int,
-                  seed: int, train_check: bool) -> None:
+def backbone_case(
+  out: str, name: str, depth: int, width: int, ibn: str, stages: int, seed: int, train_check: bool
+) -> None:
   gen = torch.Generator().manual_seed(seed)
   net = ResNet(depth, width, ibn, stages)
   randomize(net, gen)
@@ -276,13 +286,27 @@ def backbone_case(out: str, name: str, depth: int, width: int, ibn: str, stages:
     net.train()
     with torch.no_grad():
       io["torch/train/layer3"] = net(x)["layer3"].numpy()
-    io.update({f"after/{k}": v for k, v in state_arrays(net).items()
-               if k.endswith(("running_mean", "running_var"))})
+    io.update(
+      {
+        f"after/{k}": v
+        for k, v in state_arrays(net).items()
+        if k.endswith(("running_mean", "running_var"))
+      }
+    )
   save(out, name, state, io)
 
 
-def official_case(out: str, name: str, depth: int, width: int, ibn: str, stages: int,
-                  neck: int, version: str, seed: int) -> None:
+def official_case(
+  out: str,
+  name: str,
+  depth: int,
+  width: int,
+  ibn: str,
+  stages: int,
+  neck: int,
+  version: str,
+  seed: int,
+) -> None:
   gen = torch.Generator().manual_seed(seed)
   kind, _ = ARCHS[depth]
   base = ResNet(depth, width, ibn, stages)
@@ -306,8 +330,11 @@ def official_case(out: str, name: str, depth: int, width: int, ibn: str, stages:
     criterion.valid_class[[2, 7]] = 0.0  # classes not yet seen (v1.1+ valid flags)
     feats = [model(images(gen, 6, *size)) for _ in range(3)]
   calibrate(criterion, lambda f: criterion.match(f, criterion.class_memory), feats)
-  state = {**state_arrays(model, "model/"), **state_arrays(criterion, "criterion/"),
-           "epoch": np.asarray(60)}  # written before the train-mode pass below changes it
+  state = {
+    **state_arrays(model, "model/"),
+    **state_arrays(criterion, "criterion/"),
+    "epoch": np.asarray(60),
+  }  # written before the train-mode pass below changes it
 
   x = images(gen, 6, *size)
   targets = torch.tensor([0, 3, 3, 7, 9, 1])
@@ -317,11 +344,21 @@ def official_case(out: str, name: str, depth: int, width: int, ibn: str, stages:
     criterion.train()
     train_logits = criterion.match(features, criterion.class_memory)
     loss = focal_loss(train_logits, targets, criterion.valid_class)
-  io = {"input/images_u8": as_u8(x), "input/targets": targets.numpy(),
-        "torch/features": features.numpy(), "torch/eval_logits": eval_logits.numpy(),
-        "torch/train_logits": train_logits.numpy(), "torch/loss": loss.numpy()}
-  io.update({f"after/{k}": v for k, v in state_arrays(criterion).items()
-             if k.endswith(("running_mean", "running_var"))})
+  io = {
+    "input/images_u8": as_u8(x),
+    "input/targets": targets.numpy(),
+    "torch/features": features.numpy(),
+    "torch/eval_logits": eval_logits.numpy(),
+    "torch/train_logits": train_logits.numpy(),
+    "torch/loss": loss.numpy(),
+  }
+  io.update(
+    {
+      f"after/{k}": v
+      for k, v in state_arrays(criterion).items()
+      if k.endswith(("running_mean", "running_var"))
+    }
+  )
   pm, bm = count(model)
   pc, bc = count(criterion, skip=())  # the head's own fc is used
   io["count/params"], io["count/buffers"] = np.asarray(pm + pc), np.asarray(bm + bc)
@@ -345,8 +382,7 @@ def main() -> None:
   backbone_case(args.out, "resnet50_ibn_a_w8", 50, 8, "a", 3, seed=2, train_check=True)
   backbone_case(args.out, "resnet18_ibn_b_w8", 18, 8, "b", 3, seed=3, train_check=True)
   official_case(args.out, "qaconv_v1_r18_w4", 18, 4, "", 4, neck=16, version="v1", seed=4)
-  official_case(args.out, "qaconv_v2_r50_ibn_b_w4", 50, 4, "b", 3, neck=16, version="v2",
-                seed=5)
+  official_case(args.out, "qaconv_v2_r50_ibn_b_w4", 50, 4, "b", 3, neck=16, version="v2", seed=5)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Image decoding, resizing and the official training augmentations (SPEC section 4).
+"""Image decoding, resizing and the official training augmentations (docs/method.md §4).
 
 Everything works on uint8 ``[H, W, 3]`` PIL/NumPy images and a ``np.random.Generator`` that
 grain derives from (seed, element index), so a batch is a pure function of its indices.
@@ -52,7 +52,7 @@ def random_occlusion(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
   side = int(rng.integers(1, max_side + 1))
   y0, x0 = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
   x = x.copy()
-  x[y0:y0 + side, x0:x0 + side] = 255
+  x[y0 : y0 + side, x0 : x0 + side] = 255
   return x
 
 
@@ -70,9 +70,11 @@ def _hue_shift(img: Image.Image, shift: float) -> Image.Image:
 
 
 def _colour_jitter(img: Image.Image, rng: np.random.Generator) -> Image.Image:
-  ops = [lambda im, f: ImageEnhance.Brightness(im).enhance(f),
-         lambda im, f: ImageEnhance.Contrast(im).enhance(f),
-         lambda im, f: ImageEnhance.Color(im).enhance(f)]
+  ops = [
+    lambda im, f: ImageEnhance.Brightness(im).enhance(f),
+    lambda im, f: ImageEnhance.Contrast(im).enhance(f),
+    lambda im, f: ImageEnhance.Color(im).enhance(f),
+  ]
   factors = rng.uniform(0.5, 2.0, 3)
   hue = rng.uniform(-0.1, 0.1)
   for i in rng.permutation(4):
@@ -80,8 +82,9 @@ def _colour_jitter(img: Image.Image, rng: np.random.Generator) -> Image.Image:
   return img
 
 
-def augment(img: Image.Image, size: tuple[int, int], kind: str,
-            rng: np.random.Generator | None) -> np.ndarray:
+def augment(
+  img: Image.Image, size: tuple[int, int], kind: str, rng: np.random.Generator | None
+) -> np.ndarray:
   """Resized (and, unless ``kind == "none"``, augmented) uint8 ``[H, W, 3]``."""
   if kind not in AUGMENTATIONS:
     raise ConfigError(f"unknown augmentation {kind!r}; expected one of {AUGMENTATIONS}.")

@@ -29,8 +29,9 @@ def transit_times(num_cameras: int, rng: np.random.Generator) -> np.ndarray:
   return 20.0 + distance / 1.3  # ~1.3 m/s walking speed plus a fixed overhead
 
 
-def simulate_walks(num_people: int, num_cameras: int, rng: np.random.Generator,
-                   duration: float = 3600.0) -> list[Sighting]:
+def simulate_walks(
+  num_people: int, num_cameras: int, rng: np.random.Generator, duration: float = 3600.0
+) -> list[Sighting]:
   """Every sighting of ``num_people`` people walking in groups for ``duration`` seconds."""
   transit = transit_times(num_cameras, rng)
   order = rng.permutation(num_people)
@@ -38,7 +39,7 @@ def simulate_walks(num_people: int, num_cameras: int, rng: np.random.Generator,
   start, group = 0, 0
   while start < num_people:
     size = int(rng.choice([1, 2, 3, 4], p=[0.35, 0.35, 0.2, 0.1]))
-    members = order[start:start + size]
+    members = order[start : start + size]
     start += size
     route = [int(rng.integers(num_cameras))]
     for _ in range(int(rng.integers(2, 5)) - 1):

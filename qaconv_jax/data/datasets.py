@@ -12,14 +12,17 @@ import dataclasses
 import math
 import os
 import re
-from typing import Callable
+from collections.abc import Callable
 
 from qaconv_jax.data import timestamps
 from qaconv_jax.errors import DataError
 
 SPLIT_DIRS = {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}
-MSMT_LISTS = {"train": ("list_train.txt", "list_val.txt"), "query": ("list_query.txt",),
-              "gallery": ("list_gallery.txt",)}
+MSMT_LISTS = {
+  "train": ("list_train.txt", "list_val.txt"),
+  "query": ("list_query.txt",),
+  "gallery": ("list_gallery.txt",),
+}
 
 MSMT17_CAMERAS = 15
 
@@ -62,11 +65,14 @@ class DatasetError(DataError):
 
 def _layout(name: str) -> str:
   if name == "msmt17":
-    return ("<root>/train/, <root>/test/ and list_train.txt, list_val.txt, list_query.txt, "
-            "list_gallery.txt (lines 'relative/path.jpg pid')")
+    return (
+      "<root>/train/, <root>/test/ and list_train.txt, list_val.txt, list_query.txt, "
+      "list_gallery.txt (lines 'relative/path.jpg pid')"
+    )
   ext = "png" if name.startswith("cuhk03") else "jpg"
-  return (f"<root>/bounding_box_train/, <root>/bounding_box_test/, <root>/query/ holding "
-          f"*.{ext} images")
+  return (
+    f"<root>/bounding_box_train/, <root>/bounding_box_test/, <root>/query/ holding *.{ext} images"
+  )
 
 
 def _list_images(folder: str, ext: str, name: str) -> list[str]:
@@ -81,13 +87,15 @@ def _list_images(folder: str, ext: str, name: str) -> list[str]:
 def _match(pattern: re.Pattern, filename: str, folder: str, example: str) -> re.Match:
   m = pattern.match(filename)
   if m is None:
-    raise DatasetError(f"cannot parse image name {os.path.join(folder, filename)}: expected "
-                       f"names like {example}.")
+    raise DatasetError(
+      f"cannot parse image name {os.path.join(folder, filename)}: expected names like {example}."
+    )
   return m
 
 
-def _check_range(where: str, what: str, value: int, name: str, low: int,
-                 high: int | None = None) -> None:
+def _check_range(
+  where: str, what: str, value: int, name: str, low: int, high: int | None = None
+) -> None:
   """Refuses ``value`` outside ``low..high`` (``high`` None: no upper bound).
 
   A camera 0 would silently become camera -1, and a camera or session beyond the tables in
@@ -95,8 +103,9 @@ def _check_range(where: str, what: str, value: int, name: str, low: int,
   """
   if value < low or (high is not None and value > high):
     expected = f"{low}..{high}" if high is not None else f">= {low}"
-    raise DatasetError(f"cannot use image name {where}: {what} {value} is outside {name}'s "
-                       f"{what}s {expected}.")
+    raise DatasetError(
+      f"cannot use image name {where}: {what} {value} is outside {name}'s {what}s {expected}."
+    )
 
 
 def _relabel(train: list[Record]) -> list[Record]:
@@ -121,15 +130,26 @@ def _market(root: str) -> dict[str, list[Record]]:
     parsed[split] = rows
   # Offsets from all three splits together, as the official code does.
   offsets = timestamps.market_session_offsets(
-      (cam, session, frame) for rows in parsed.values() for _, _, cam, session, frame in rows)
-  return {split: [Record(path, pid, cam - 1, timestamps.market_time(cam, session, frame, offsets))
-                  for path, pid, cam, session, frame in rows]
-          for split, rows in parsed.items()}
+    (cam, session, frame) for rows in parsed.values() for _, _, cam, session, frame in rows
+  )
+  return {
+    split: [
+      Record(path, pid, cam - 1, timestamps.market_time(cam, session, frame, offsets))
+      for path, pid, cam, session, frame in rows
+    ]
+    for split, rows in parsed.items()
+  }
 
 
-def _folder_splits(root: str, name: str, pattern: re.Pattern, ext: str, example: str,
-                   time_fn: Callable[[re.Match], float],
-                   max_camera: int | None) -> dict[str, list[Record]]:
+def _folder_splits(
+  root: str,
+  name: str,
+  pattern: re.Pattern,
+  ext: str,
+  example: str,
+  time_fn: Callable[[re.Match], float],
+  max_camera: int | None,
+) -> dict[str, list[Record]]:
   out = {}
   for split, sub in SPLIT_DIRS.items():
     folder = os.path.join(root, sub)
@@ -145,14 +165,21 @@ def _folder_splits(root: str, name: str, pattern: re.Pattern, ext: str, example:
 
 
 def _duke(root: str) -> dict[str, list[Record]]:
-  return _folder_splits(root, "dukemtmc", _DUKE, ".jpg", "0001_c2_f0046182.jpg",
-                        lambda m: timestamps.duke_time(int(m.group(2)), int(m.group(3))),
-                        len(timestamps.DUKE_OFFSETS))
+  return _folder_splits(
+    root,
+    "dukemtmc",
+    _DUKE,
+    ".jpg",
+    "0001_c2_f0046182.jpg",
+    lambda m: timestamps.duke_time(int(m.group(2)), int(m.group(3))),
+    len(timestamps.DUKE_OFFSETS),
+  )
 
 
 def _cuhk03(name: str) -> Callable[[str], dict[str, list[Record]]]:
-  return lambda root: _folder_splits(root, name, _CUHK03, ".png", "0001_c1_1.png",
-                                     lambda m: math.nan, None)
+  return lambda root: _folder_splits(
+    root, name, _CUHK03, ".png", "0001_c1_1.png", lambda m: math.nan, None
+  )
 
 
 def _msmt17(root: str) -> dict[str, list[Record]]:
@@ -172,14 +199,27 @@ def _msmt17(root: str) -> dict[str, list[Record]]:
             continue
           parts = line.split()
           fields = os.path.basename(parts[0]).split("_")
-          if len(parts) != 2 or len(fields) < 3 or not fields[2].isdigit() or \
-              not parts[1].lstrip("-").isdigit():
-            raise DatasetError(f"{list_path}:{line_no}: cannot parse {line.strip()!r}; expected "
-                               "'0000/0000_000_01_0303morning_0015_0.jpg 0'.")
-          _check_range(f"{list_path}:{line_no} ({parts[0]})", "camera", int(fields[2]),
-                       "msmt17", 1, MSMT17_CAMERAS)
-          records.append(Record(os.path.join(folder, parts[0]), int(parts[1]),
-                                int(fields[2]) - 1, math.nan))
+          if (
+            len(parts) != 2
+            or len(fields) < 3
+            or not fields[2].isdigit()
+            or not parts[1].lstrip("-").isdigit()
+          ):
+            raise DatasetError(
+              f"{list_path}:{line_no}: cannot parse {line.strip()!r}; expected "
+              "'0000/0000_000_01_0303morning_0015_0.jpg 0'."
+            )
+          _check_range(
+            f"{list_path}:{line_no} ({parts[0]})",
+            "camera",
+            int(fields[2]),
+            "msmt17",
+            1,
+            MSMT17_CAMERAS,
+          )
+          records.append(
+            Record(os.path.join(folder, parts[0]), int(parts[1]), int(fields[2]) - 1, math.nan)
+          )
     if not records:
       raise DatasetError(f"msmt17: the {split} lists {lists} are empty.")
     out[split] = records
@@ -187,11 +227,11 @@ def _msmt17(root: str) -> dict[str, list[Record]]:
 
 
 LOADERS: dict[str, Callable[[str], dict[str, list[Record]]]] = {
-    "market1501": _market,
-    "dukemtmc": _duke,
-    "msmt17": _msmt17,
-    "cuhk03_detected": _cuhk03("cuhk03_detected"),
-    "cuhk03_labeled": _cuhk03("cuhk03_labeled"),
+  "market1501": _market,
+  "dukemtmc": _duke,
+  "msmt17": _msmt17,
+  "cuhk03_detected": _cuhk03("cuhk03_detected"),
+  "cuhk03_labeled": _cuhk03("cuhk03_labeled"),
 }
 
 
@@ -204,6 +244,8 @@ def load_dataset(name: str, root: str) -> ReidDataset:
   splits = LOADERS[name](root)
   for split, records in splits.items():
     if not records:
-      raise DatasetError(f"{name}: the {split} split in {root} holds no usable image "
-                         f"(all junk?); expected {_layout(name)}.")
+      raise DatasetError(
+        f"{name}: the {split} split in {root} holds no usable image "
+        f"(all junk?); expected {_layout(name)}."
+      )
   return ReidDataset(name, root, _relabel(splits["train"]), splits["query"], splits["gallery"])

@@ -14,7 +14,8 @@ from __future__ import annotations
 import math
 import os
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import grain
 import numpy as np
@@ -52,11 +53,14 @@ def open_source(cfg, split: str):
   a prepared TFDS dataset when ``cfg.tfds_dir`` is set, else the raw folder ``cfg.root``."""
   if cfg.tfds_dir:
     from qaconv_jax.data.tfds_builders import TfdsSource  # tfds only when asked for
+
     return TfdsSource(cfg.dataset, split, cfg.tfds_dir)
   if cfg.root:
     return FolderSource(getattr(load_dataset(cfg.dataset, cfg.root), split))
-  raise ConfigError("no data: set config.data.root (the dataset's folder) or "
-                   "config.data.tfds_dir (prepared with python -m qaconv_jax.data.prepare).")
+  raise ConfigError(
+    "no data: set config.data.root (the dataset's folder) or "
+    "config.data.tfds_dir (prepared with python -m qaconv_jax.data.prepare)."
+  )
 
 
 def materialize_synthetic(cfg, data_root: str, write: bool = True, timeout: float = 600.0):
@@ -69,6 +73,7 @@ def materialize_synthetic(cfg, data_root: str, write: bool = True, timeout: floa
   done = os.path.join(root, ".complete")
   if write and not os.path.exists(done):
     from qaconv_jax.data.synthetic import write_market_tree
+
     write_market_tree(root, cfg.synthetic_domain, cfg.synthetic_ids, seed=0)
     open(done, "w").close()
   start = time.time()
@@ -95,7 +100,7 @@ class EpochOrder:
 
   def epoch(self, e: int) -> np.ndarray:
     if self._cache is None or self._cache[0] != e:
-      self._cache = (e, np.random.default_rng([self.seed, e]).permutation(self.n)[:self.epoch_len])
+      self._cache = (e, np.random.default_rng([self.seed, e]).permutation(self.n)[: self.epoch_len])
     return self._cache[1]
 
   def __len__(self) -> int:
@@ -122,7 +127,7 @@ class PKOrder(EpochOrder):
   def epoch(self, e: int) -> np.ndarray:
     if self._cache is None or self._cache[0] != e:
       rng = np.random.default_rng([self.seed, e, 1])
-      ids = rng.permutation(len(self.by_id))[:self.epoch_len // self.k]
+      ids = rng.permutation(len(self.by_id))[: self.epoch_len // self.k]
       order = [rng.choice(self.by_id[i], self.k, replace=len(self.by_id[i]) < self.k) for i in ids]
       self._cache = (e, np.concatenate(order))
     return self._cache[1]
@@ -149,8 +154,9 @@ def _stack(elements: Sequence[dict]) -> dict:
   return {k: np.stack([e[k] for e in elements]) for k in elements[0]}
 
 
-def train_dataset(source, cfg, *, seed: int, num_epochs: int, host: int = 0,
-                  num_hosts: int = 1) -> grain.MapDataset:
+def train_dataset(
+  source, cfg, *, seed: int, num_epochs: int, host: int = 0, num_hosts: int = 1
+) -> grain.MapDataset:
   """Batches ``{"image": [b, H, W, 3] float32 in [0, 1], "label": [b] int32, "camera"}``.
 
   ``cfg`` is ``config.data``: ``image_size``, ``batch_size`` (global), ``sampler``
@@ -171,11 +177,18 @@ def train_dataset(source, cfg, *, seed: int, num_epochs: int, host: int = 0,
     ex = source[idx]
     rng = np.random.default_rng([seed, pos, 2])
     img = augment(decode(ex["image"], ex["where"]), size, cfg.augment, rng)
-    return {"image": img.astype(np.float32) / 255.0, "label": np.int32(ex["pid"]),
-            "camera": np.int32(ex["camera"])}
+    return {
+      "image": img.astype(np.float32) / 255.0,
+      "label": np.int32(ex["pid"]),
+      "camera": np.int32(ex["camera"]),
+    }
+
   local = cfg.batch_size // num_hosts
-  return (grain.MapDataset.source(HostSlice(order, cfg.batch_size, host, num_hosts))
-          .map(load).batch(local, drop_remainder=True, batch_fn=_stack))
+  return (
+    grain.MapDataset.source(HostSlice(order, cfg.batch_size, host, num_hosts))
+    .map(load)
+    .batch(local, drop_remainder=True, batch_fn=_stack)
+  )
 
 
 def steps_per_epoch(source, cfg) -> int:
@@ -186,8 +199,10 @@ def steps_per_epoch(source, cfg) -> int:
 
 def iterate(ds: grain.MapDataset, num_threads: int = 0) -> grain.DatasetIterator:
   """Checkpointable iterator (``get_state``/``set_state``); threads decode in parallel."""
-  opts = grain.ReadOptions(num_threads=num_threads or min(8, os.cpu_count() or 1),
-                           prefetch_buffer_size=2 * (num_threads or 2))
+  opts = grain.ReadOptions(
+    num_threads=num_threads or min(8, os.cpu_count() or 1),
+    prefetch_buffer_size=2 * (num_threads or 2),
+  )
   return iter(ds.to_iter_dataset(read_options=opts))
 
 
@@ -197,8 +212,9 @@ def eval_image(source, i: int, image_size: tuple[int, int]) -> np.ndarray:
   return augment(decode(ex["image"], ex["where"]), image_size, "none", None)
 
 
-def eval_batches(source, image_size: tuple[int, int], batch_size: int, host: int = 0,
-                 num_hosts: int = 1):
+def eval_batches(
+  source, image_size: tuple[int, int], batch_size: int, host: int = 0, num_hosts: int = 1
+):
   """Fixed-shape evaluation batches of this host's contiguous share of ``source``.
 
   Yields ``{"image": [B, H, W, 3] float32, "index": [B] int32, "mask": [B] bool}``; the last
@@ -211,10 +227,12 @@ def eval_batches(source, image_size: tuple[int, int], batch_size: int, host: int
   def load(i):
     img = eval_image(source, i, image_size)
     return {"image": img.astype(np.float32) / 255.0, "index": np.int32(i), "mask": np.bool_(True)}
+
   ds = grain.MapDataset.source(indices).map(load).batch(batch_size, batch_fn=_stack)
   for batch in iterate(ds):
     pad = batch_size - len(batch["index"])
     if pad:
-      batch = {k: np.concatenate([v, np.zeros((pad, *v.shape[1:]), v.dtype)])
-               for k, v in batch.items()}
+      batch = {
+        k: np.concatenate([v, np.zeros((pad, *v.shape[1:]), v.dtype)]) for k, v in batch.items()
+      }
     yield batch

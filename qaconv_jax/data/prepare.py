@@ -1,6 +1,6 @@
 """Prepare a re-ID dataset as TFDS array_record (no TensorFlow needed).
 
-  python -m qaconv_jax.data.prepare --dataset market1501 --manual-dir DIR --data-dir DIR
+python -m qaconv_jax.data.prepare --dataset market1501 --manual-dir DIR --data-dir DIR
 """
 
 from __future__ import annotations
@@ -18,10 +18,13 @@ def main(argv=None) -> None:
   args = ap.parse_args(argv)
   builder = prepare(args.dataset, args.manual_dir, args.data_dir)
   info = builder.info
-  print(f"prepared {args.dataset} in {builder.data_dir}: " +
-        ", ".join(f"{k} {v.num_examples}" for k, v in info.splits.items()))
+  print(
+    f"prepared {args.dataset} in {builder.data_dir}: "
+    + ", ".join(f"{k} {v.num_examples}" for k, v in info.splits.items())
+  )
 
 
 if __name__ == "__main__":
   from qaconv_jax import cli
+
   cli.run_plain(main)

@@ -16,8 +16,10 @@ from qaconv_jax.errors import ConfigError, DataError
 def check_val_ids(val_ids: float) -> None:
   """Raises `ConfigError` unless ``val_ids`` is 0, a count >= 1 or a fraction in (0, 1)."""
   if not (val_ids == 0 or 0 < val_ids < 1 or (float(val_ids).is_integer() and val_ids >= 1)):
-    raise ConfigError(f"data.val_ids={val_ids!r}: expected 0 (no validation split), a count "
-                      ">= 1 or a fraction in (0, 1) of the training identities.")
+    raise ConfigError(
+      f"data.val_ids={val_ids!r}: expected 0 (no validation split), a count "
+      ">= 1 or a fraction in (0, 1) of the training identities."
+    )
 
 
 def num_holdout(num_ids: int, val_ids: float) -> int:
@@ -28,8 +30,10 @@ def num_holdout(num_ids: int, val_ids: float) -> int:
     return 0
   n = max(1, int(round(val_ids * num_ids))) if val_ids < 1 else int(val_ids)
   if n > num_ids - 2:
-    raise ConfigError(f"data.val_ids={val_ids!r} holds out {n} of {num_ids} training "
-                      "identities; at least 2 must remain to train on.")
+    raise ConfigError(
+      f"data.val_ids={val_ids!r} holds out {n} of {num_ids} training "
+      "identities; at least 2 must remain to train on."
+    )
   return n
 
 
@@ -51,8 +55,9 @@ def holdout_identities(pids: np.ndarray, cameras: np.ndarray, val_ids: float, se
   val = np.flatnonzero(is_val)
   # One query per (identity, camera): the first of each group after a seeded shuffle.
   shuffled = val[rng.permutation(len(val))]
-  _, first = np.unique(np.stack([pids[shuffled], cameras[shuffled]], axis=1), axis=0,
-                       return_index=True)
+  _, first = np.unique(
+    np.stack([pids[shuffled], cameras[shuffled]], axis=1), axis=0, return_index=True
+  )
   query = np.sort(shuffled[first])
   gallery = np.setdiff1d(val, query)
   return np.flatnonzero(~is_val), query, gallery
@@ -92,10 +97,13 @@ def train_and_validation(source, data_cfg):
   others relabelled ``0..C-1``; without, ``source`` itself."""
   if not data_cfg.val_ids:
     return source, None
-  train, query, gallery = holdout_identities(source.pids, source.cameras, data_cfg.val_ids,
-                                             data_cfg.val_seed)
-  return Subset(source, train, relabel=True), (Subset(source, query, relabel=False),
-                                               Subset(source, gallery, relabel=False))
+  train, query, gallery = holdout_identities(
+    source.pids, source.cameras, data_cfg.val_ids, data_cfg.val_seed
+  )
+  return Subset(source, train, relabel=True), (
+    Subset(source, query, relabel=False),
+    Subset(source, gallery, relabel=False),
+  )
 
 
 def check_class_ids(pids: np.ndarray, where: str) -> int:
@@ -111,9 +119,10 @@ def check_class_ids(pids: np.ndarray, where: str) -> int:
   if ids[0] != 0 or ids[-1] != len(ids) - 1:
     missing = np.setdiff1d(np.arange(int(ids[-1]) + 1), ids)[:5].tolist()
     raise DataError(
-        f"{where}: training ids must be the contiguous class ids 0..{len(ids) - 1} (one per "
-        f"identity, as the dataset loaders relabel them); found {len(ids)} ids from "
-        f"{int(ids[0])} to {int(ids[-1])}" + (f", missing {missing}" if missing else "") + ".")
+      f"{where}: training ids must be the contiguous class ids 0..{len(ids) - 1} (one per "
+      f"identity, as the dataset loaders relabel them); found {len(ids)} ids from "
+      f"{int(ids[0])} to {int(ids[-1])}" + (f", missing {missing}" if missing else "") + "."
+    )
   return len(ids)
 
 
@@ -122,5 +131,7 @@ def check_labels(labels: np.ndarray, num_classes: int, step: int) -> None:
   labels = np.asarray(labels)
   bad = labels[(labels < 0) | (labels >= num_classes)]
   if bad.size:
-    raise DataError(f"step {step}: training labels {np.unique(bad)[:5].tolist()} are outside "
-                    f"[0, {num_classes}) (the class memory's rows).")
+    raise DataError(
+      f"step {step}: training labels {np.unique(bad)[:5].tolist()} are outside "
+      f"[0, {num_classes}) (the class memory's rows)."
+    )

@@ -27,6 +27,7 @@ from qaconv_jax.errors import ConfigError
 @dataclasses.dataclass(frozen=True)
 class Identity:
   """Appearance of one person. Colours are RGB in [0, 1]."""
+
   skin: np.ndarray
   hair: np.ndarray
   top: np.ndarray
@@ -42,25 +43,39 @@ class Identity:
 
 def random_identity(rng: np.random.Generator, palette_shift: float = 0.0) -> Identity:
   """Draws one identity; ``palette_shift`` in [0, 1) rotates clothing hues (a domain knob)."""
+
   def colour():
     c = rng.uniform(0.05, 0.95, 3)
     return np.roll(c, int(palette_shift * 3)) if palette_shift else c
+
   return Identity(
-      skin=np.array([0.9, 0.72, 0.58]) * rng.uniform(0.55, 1.0),
-      hair=rng.uniform(0.0, 0.35, 3),
-      top=colour(), top_pattern=str(rng.choice(["solid", "stripes", "split"])),
-      top_second=colour(), bottom=colour(), shoes=rng.uniform(0.0, 0.4, 3),
-      bag_side=int(rng.choice([-1, 0, 1])), bag=colour(), hat=bool(rng.random() < 0.3),
-      height=float(rng.uniform(0.9, 1.05)))
+    skin=np.array([0.9, 0.72, 0.58]) * rng.uniform(0.55, 1.0),
+    hair=rng.uniform(0.0, 0.35, 3),
+    top=colour(),
+    top_pattern=str(rng.choice(["solid", "stripes", "split"])),
+    top_second=colour(),
+    bottom=colour(),
+    shoes=rng.uniform(0.0, 0.4, 3),
+    bag_side=int(rng.choice([-1, 0, 1])),
+    bag=colour(),
+    hat=bool(rng.random() < 0.3),
+    height=float(rng.uniform(0.9, 1.05)),
+  )
 
 
 def _box(u, v, u0, u1, v0, v1):
   return (u >= u0) & (u < u1) & (v >= v0) & (v < v1)
 
 
-def render_person(ident: Identity, rng: np.random.Generator, size: tuple[int, int] = (128, 64),
-                  background: np.ndarray | None = None, misalign: float = 1.0,
-                  occlude: bool = True, noise: float = 0.03) -> np.ndarray:
+def render_person(
+  ident: Identity,
+  rng: np.random.Generator,
+  size: tuple[int, int] = (128, 64),
+  background: np.ndarray | None = None,
+  misalign: float = 1.0,
+  occlude: bool = True,
+  noise: float = 0.03,
+) -> np.ndarray:
   """One image ``[H, W, 3]`` uint8 of ``ident``.
 
   ``misalign`` scales the random shift/scale of the detection box; the viewpoint (front or
@@ -83,10 +98,17 @@ def render_person(ident: Identity, rng: np.random.Generator, size: tuple[int, in
 
   def paint(mask, colour):
     img[mask] = colour
-  paint(_box(u, v, -0.16 + swing, -0.05 + swing, 0.5, 0.95) |
-        _box(u, v, 0.05 - swing, 0.16 - swing, 0.5, 0.95), ident.bottom)  # legs
-  paint(_box(u, v, -0.17 + swing, -0.04 + swing, 0.95, 1.0) |
-        _box(u, v, 0.04 - swing, 0.17 - swing, 0.95, 1.0), ident.shoes)
+
+  paint(
+    _box(u, v, -0.16 + swing, -0.05 + swing, 0.5, 0.95)
+    | _box(u, v, 0.05 - swing, 0.16 - swing, 0.5, 0.95),
+    ident.bottom,
+  )  # legs
+  paint(
+    _box(u, v, -0.17 + swing, -0.04 + swing, 0.95, 1.0)
+    | _box(u, v, 0.04 - swing, 0.17 - swing, 0.95, 1.0),
+    ident.shoes,
+  )
   paint(_box(u, v, -0.3, -0.2, 0.2, 0.52) | _box(u, v, 0.2, 0.3, 0.2, 0.52), ident.top)  # arms
   torso = _box(u, v, -0.2, 0.2, 0.17, 0.55)
   paint(torso, ident.top)
@@ -106,19 +128,21 @@ def render_person(ident: Identity, rng: np.random.Generator, size: tuple[int, in
   if occlude and rng.random() < 0.3:
     oh, ow = int(rng.uniform(0.15, 0.4) * h), int(rng.uniform(0.3, 0.8) * w)
     oy, ox = rng.integers(0, h - oh), rng.integers(0, w - ow)
-    img[oy:oy + oh, ox:ox + ow] = rng.uniform(0.2, 0.8, 3)
+    img[oy : oy + oh, ox : ox + ow] = rng.uniform(0.2, 0.8, 3)
   img = img * rng.uniform(0.8, 1.2) + rng.normal(0.0, noise, img.shape)
   return (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
-def make_identity_set(num_ids: int, images_per_id: int, seed: int,
-                      size: tuple[int, int] = (128, 64)):
+def make_identity_set(
+  num_ids: int, images_per_id: int, seed: int, size: tuple[int, int] = (128, 64)
+):
   """A small labelled set: ``(images [N, H, W, 3] uint8, labels [N] int32)`` with the
   images of identity i at rows ``i*images_per_id ...``. Deterministic from ``seed``."""
   rng = np.random.default_rng(seed)
   idents = [random_identity(rng) for _ in range(num_ids)]
-  images = np.stack([render_person(idents[i], rng, size)
-                     for i in range(num_ids) for _ in range(images_per_id)])
+  images = np.stack(
+    [render_person(idents[i], rng, size) for i in range(num_ids) for _ in range(images_per_id)]
+  )
   labels = np.repeat(np.arange(num_ids, dtype=np.int32), images_per_id)
   return images, labels
 
@@ -126,6 +150,7 @@ def make_identity_set(num_ids: int, images_per_id: int, seed: int,
 @dataclasses.dataclass(frozen=True)
 class Domain:
   """Image statistics of one synthetic domain."""
+
   num_cameras: int
   palette_shift: float  # rotates clothing colours
   tint: tuple[float, float, float]  # colour cast of every camera
@@ -137,31 +162,50 @@ class Domain:
 
 
 DOMAINS = {
-    "a": Domain(num_cameras=6, palette_shift=0.0, tint=(1.06, 1.0, 0.9), contrast=1.0,
-                gamma=1.0, blur=0.6, noise=0.03, pid_base=0),
-    "b": Domain(num_cameras=5, palette_shift=0.5, tint=(0.88, 0.98, 1.12), contrast=0.75,
-                gamma=1.25, blur=1.2, noise=0.05, pid_base=5000),
+  "a": Domain(
+    num_cameras=6,
+    palette_shift=0.0,
+    tint=(1.06, 1.0, 0.9),
+    contrast=1.0,
+    gamma=1.0,
+    blur=0.6,
+    noise=0.03,
+    pid_base=0,
+  ),
+  "b": Domain(
+    num_cameras=5,
+    palette_shift=0.5,
+    tint=(0.88, 0.98, 1.12),
+    contrast=0.75,
+    gamma=1.25,
+    blur=1.2,
+    noise=0.05,
+    pid_base=5000,
+  ),
 }
 IMAGE_SIZE = (128, 64)  # Market-1501 crops
 
 
-def camera_background(domain: Domain, rng: np.random.Generator,
-                      size: tuple[int, int] = IMAGE_SIZE) -> np.ndarray:
+def camera_background(
+  domain: Domain, rng: np.random.Generator, size: tuple[int, int] = IMAGE_SIZE
+) -> np.ndarray:
   """``[H, W, 3]`` float background of one camera: wall, floor and pillars."""
   h, w = size
   wall, floor = rng.uniform(0.2, 0.8, 3), rng.uniform(0.1, 0.6, 3)
   horizon = int(rng.uniform(0.55, 0.8) * h)
   ys = np.linspace(0.0, 1.0, h)[:, None, None]
-  img = np.where(np.arange(h)[:, None, None] < horizon, wall * (0.8 + 0.4 * ys),
-                 floor * (1.2 - 0.4 * ys)) * np.ones((h, w, 3))
+  img = np.where(
+    np.arange(h)[:, None, None] < horizon, wall * (0.8 + 0.4 * ys), floor * (1.2 - 0.4 * ys)
+  ) * np.ones((h, w, 3))
   for _ in range(int(rng.integers(0, 3))):
     x0 = int(rng.integers(0, w - 6))
-    img[:horizon, x0:x0 + int(rng.integers(3, 10))] = rng.uniform(0.2, 0.9, 3)
+    img[:horizon, x0 : x0 + int(rng.integers(3, 10))] = rng.uniform(0.2, 0.9, 3)
   return img
 
 
-def apply_camera(img: np.ndarray, gain: np.ndarray, domain: Domain,
-                 rng: np.random.Generator) -> np.ndarray:
+def apply_camera(
+  img: np.ndarray, gain: np.ndarray, domain: Domain, rng: np.random.Generator
+) -> np.ndarray:
   """Camera illumination and the domain's statistics on a float image in [0, 1]."""
   img = img * gain * np.asarray(domain.tint)
   img = (img - 0.5) * domain.contrast + 0.5
@@ -177,25 +221,35 @@ def _junk(background: np.ndarray, rng: np.random.Generator) -> np.ndarray:
   img = background.copy()
   w = img.shape[1]
   x0 = int(rng.integers(0, w // 2))
-  img[:, x0:x0 + int(rng.integers(2, w // 4))] = rng.uniform(0.0, 1.0, 3)
+  img[:, x0 : x0 + int(rng.integers(2, w // 4))] = rng.uniform(0.0, 1.0, 3)
   return img
 
 
-def write_market_tree(out: str, domain_name: str, num_ids: int, seed: int,
-                      distractor_frac: float = 0.05, junk_frac: float = 0.03) -> dict:
+def write_market_tree(
+  out: str,
+  domain_name: str,
+  num_ids: int,
+  seed: int,
+  distractor_frac: float = 0.05,
+  junk_frac: float = 0.03,
+) -> dict:
   """Writes a Market-1501-format tree for ``num_ids`` people (half train, half test).
 
   Returns counts per split. Deterministic from ``(domain_name, num_ids, seed)``.
   """
   if domain_name not in DOMAINS:
-    raise ConfigError(f"unknown synthetic domain {domain_name!r}; expected one of {sorted(DOMAINS)}.")
+    raise ConfigError(
+      f"unknown synthetic domain {domain_name!r}; expected one of {sorted(DOMAINS)}."
+    )
   domain = DOMAINS[domain_name]
   rng = np.random.default_rng([seed, ord(domain_name)])
-  cams = [(camera_background(domain, rng), rng.uniform(0.75, 1.25, 3) * rng.uniform(0.8, 1.2))
-          for _ in range(domain.num_cameras)]
+  cams = [
+    (camera_background(domain, rng), rng.uniform(0.75, 1.25, 3) * rng.uniform(0.8, 1.2))
+    for _ in range(domain.num_cameras)
+  ]
   people = [random_identity(rng, domain.palette_shift) for _ in range(num_ids)]
   sightings = simulate_walks(num_ids, domain.num_cameras, rng)
-  train_people = set(rng.permutation(num_ids)[:num_ids // 2].tolist())
+  train_people = set(rng.permutation(num_ids)[: num_ids // 2].tolist())
   dirs = {k: os.path.join(out, k) for k in ("bounding_box_train", "bounding_box_test", "query")}
   for d in dirs.values():
     os.makedirs(d, exist_ok=True)
@@ -217,8 +271,9 @@ def write_market_tree(out: str, domain_name: str, num_ids: int, seed: int,
     pid = domain.pid_base + s.person + 1
     bg, gain = cams[s.camera]
     for t in np.sort(rng.uniform(s.enter, s.leave, int(rng.integers(2, 6)))):
-      img = apply_camera(render_person(people[s.person], rng, IMAGE_SIZE, bg, noise=0.0) / 255.0,
-                         gain, domain, rng)
+      img = apply_camera(
+        render_person(people[s.person], rng, IMAGE_SIZE, bg, noise=0.0) / 255.0, gain, domain, rng
+      )
       if s.person in train_people:
         save("bounding_box_train", pid, s.camera, t, img)
       elif (s.person, s.camera) not in queried:  # one query per person and camera
@@ -231,15 +286,25 @@ def write_market_tree(out: str, domain_name: str, num_ids: int, seed: int,
     for _ in range(int(frac * n_gallery)):
       cam = int(rng.integers(domain.num_cameras))
       bg, gain = cams[cam]
-      body = (render_person(random_identity(rng, domain.palette_shift), rng, IMAGE_SIZE, bg,
-                            noise=0.0) / 255.0 if pid == 0 else _junk(bg, rng))
-      save("bounding_box_test", pid, cam, rng.uniform(0.0, 3600.0),
-           apply_camera(body, gain, domain, rng))
+      body = (
+        render_person(random_identity(rng, domain.palette_shift), rng, IMAGE_SIZE, bg, noise=0.0)
+        / 255.0
+        if pid == 0
+        else _junk(bg, rng)
+      )
+      save(
+        "bounding_box_test",
+        pid,
+        cam,
+        rng.uniform(0.0, 3600.0),
+        apply_camera(body, gain, domain, rng),
+      )
   return counts
 
 
 def main(argv=None) -> None:
   import argparse
+
   ap = argparse.ArgumentParser(description="Write a synthetic Market-1501-format re-ID tree.")
   ap.add_argument("--out", required=True, help="output folder (created)")
   ap.add_argument("--domain", choices=sorted(DOMAINS), default="a")
@@ -252,4 +317,5 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
   from qaconv_jax import cli
+
   cli.run_plain(main)

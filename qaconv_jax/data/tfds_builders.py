@@ -29,38 +29,44 @@ META_FIELDS = ("pid", "camera", "time", "filename")
 class _ReidBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   VERSION = tfds.core.Version("1.1.0")
   RELEASE_NOTES = {
-      "1.0.0": "First release.",
-      "1.1.0": ("time stored as float64 bytes (1.0.0 kept float32: Duke and late Market "
-                "times lost precision); records in generation order, with per-split "
-                "pid/camera/time/filename arrays in metadata.json so they are read without "
-                "the images."),
+    "1.0.0": "First release.",
+    "1.1.0": (
+      "time stored as float64 bytes (1.0.0 kept float32: Duke and late Market "
+      "times lost precision); records in generation order, with per-split "
+      "pid/camera/time/filename arrays in metadata.json so they are read without "
+      "the images."
+    ),
   }
   DATASET: str = ""
   IMAGE_FORMAT = "jpeg"
 
   @property
   def MANUAL_DOWNLOAD_INSTRUCTIONS(self) -> str:  # noqa: N802 (TFDS's name)
-    return (f"Put the {self.DATASET} dataset in its standard layout in manual_dir (see "
-            "qaconv_jax.data.datasets) and pass --manual-dir.")
+    return (
+      f"Put the {self.DATASET} dataset in its standard layout in manual_dir (see "
+      "qaconv_jax.data.datasets) and pass --manual-dir."
+    )
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self,
-        description=f"{self.DATASET} person re-identification (qaconv-jax layout).",
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(None, None, 3),
-                                         encoding_format=self.IMAGE_FORMAT),
-            "pid": tfds.features.Scalar(np.int64),
-            "camera": tfds.features.Scalar(np.int64),
-            # Not Scalar(np.float64): tf.train.Example has only a float32 list, and TFDS
-            # puts every float there, silently rounding. Raw bytes keep all 64 bits.
-            "time": tfds.features.Tensor(shape=(), dtype=np.float64,
-                                         encoding=tfds.features.Encoding.BYTES),
-            "filename": tfds.features.Text(),
-        }),
-        # Data-source index i is then the i-th generated record, as the metadata assumes.
-        disable_shuffling=True,
-        metadata=tfds.core.MetadataDict(),
+      builder=self,
+      description=f"{self.DATASET} person re-identification (qaconv-jax layout).",
+      features=tfds.features.FeaturesDict(
+        {
+          "image": tfds.features.Image(shape=(None, None, 3), encoding_format=self.IMAGE_FORMAT),
+          "pid": tfds.features.Scalar(np.int64),
+          "camera": tfds.features.Scalar(np.int64),
+          # Not Scalar(np.float64): tf.train.Example has only a float32 list, and TFDS
+          # puts every float there, silently rounding. Raw bytes keep all 64 bits.
+          "time": tfds.features.Tensor(
+            shape=(), dtype=np.float64, encoding=tfds.features.Encoding.BYTES
+          ),
+          "filename": tfds.features.Text(),
+        }
+      ),
+      # Data-source index i is then the i-th generated record, as the metadata assumes.
+      disable_shuffling=True,
+      metadata=tfds.core.MetadataDict(),
     )
 
   def _split_generators(self, dl_manager):
@@ -72,8 +78,11 @@ class _ReidBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       rels = [os.path.relpath(r.path, root) for r in records]
       # JSON keeps a Python float's repr exactly (NaN included), so times stay float64.
       self.info.metadata[split] = {
-          "pid": [r.pid for r in records], "camera": [r.camera for r in records],
-          "time": [float(r.time) for r in records], "filename": rels}
+        "pid": [r.pid for r in records],
+        "camera": [r.camera for r in records],
+        "time": [float(r.time) for r in records],
+        "filename": rels,
+      }
       generators[split] = self._generate_examples(records, rels)
     return generators
 
@@ -81,21 +90,23 @@ class _ReidBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     for i, (r, rel) in enumerate(zip(records, rels)):
       # An int key: with disable_shuffling, TFDS writes the records sorted by it.
       # A path as image: TFDS copies the encoded file as is (no re-encoding, no TensorFlow).
-      yield i, {"image": r.path, "pid": r.pid, "camera": r.camera, "time": r.time,
-                "filename": rel}
+      yield i, {"image": r.path, "pid": r.pid, "camera": r.camera, "time": r.time, "filename": rel}
 
 
 def _builder(name: str, dataset: str, image_format: str = "jpeg"):
-  return type(name, (_ReidBuilder,), {"name": dataset, "DATASET": dataset,
-                                      "IMAGE_FORMAT": image_format, "__module__": __name__})
+  return type(
+    name,
+    (_ReidBuilder,),
+    {"name": dataset, "DATASET": dataset, "IMAGE_FORMAT": image_format, "__module__": __name__},
+  )
 
 
 BUILDERS = {
-    "market1501": _builder("Market1501", "market1501"),
-    "dukemtmc": _builder("Dukemtmc", "dukemtmc"),
-    "msmt17": _builder("Msmt17", "msmt17"),
-    "cuhk03_detected": _builder("Cuhk03Detected", "cuhk03_detected", "png"),
-    "cuhk03_labeled": _builder("Cuhk03Labeled", "cuhk03_labeled", "png"),
+  "market1501": _builder("Market1501", "market1501"),
+  "dukemtmc": _builder("Dukemtmc", "dukemtmc"),
+  "msmt17": _builder("Msmt17", "msmt17"),
+  "cuhk03_detected": _builder("Cuhk03Detected", "cuhk03_detected", "png"),
+  "cuhk03_labeled": _builder("Cuhk03Labeled", "cuhk03_labeled", "png"),
 }
 
 
@@ -109,23 +120,27 @@ def prepare(dataset: str, manual_dir: str, data_dir: str) -> tfds.core.DatasetBu
   """Parses ``manual_dir`` and writes the array_record dataset under ``data_dir``."""
   builder = get_builder(dataset, data_dir)
   builder.download_and_prepare(
-      file_format="array_record",
-      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    file_format="array_record", download_config=tfds.download.DownloadConfig(manual_dir=manual_dir)
+  )
   return builder
 
 
 def _prepare_command(dataset: str, data_dir: str) -> str:
-  return (f"python -m qaconv_jax.data.prepare --dataset {dataset} --manual-dir DIR "
-          f"--data-dir {data_dir}")
+  return (
+    f"python -m qaconv_jax.data.prepare --dataset {dataset} --manual-dir DIR --data-dir {data_dir}"
+  )
 
 
 def _prepared_versions(dataset_dir: str) -> list[tfds.core.Version]:
   """Versions with a finished preparation (a dataset_info.json) under ``dataset_dir``."""
   if not os.path.isdir(dataset_dir):
     return []
-  return sorted(tfds.core.Version(v) for v in os.listdir(dataset_dir)
-                if tfds.core.Version.is_valid(v)
-                and os.path.isfile(os.path.join(dataset_dir, v, "dataset_info.json")))
+  return sorted(
+    tfds.core.Version(v)
+    for v in os.listdir(dataset_dir)
+    if tfds.core.Version.is_valid(v)
+    and os.path.isfile(os.path.join(dataset_dir, v, "dataset_info.json"))
+  )
 
 
 class TfdsSource:
@@ -142,18 +157,21 @@ class TfdsSource:
     builder = get_builder(dataset, data_dir)
     if not builder.is_prepared():
       current = builder.version
-      others = [v for v in _prepared_versions(os.path.dirname(builder.data_dir))
-                if v != current]
+      others = [v for v in _prepared_versions(os.path.dirname(builder.data_dir)) if v != current]
       if others:
         age = "an older" if others[-1] < current else "a newer"
         raise MissingFile(
-            f"the {dataset} dataset under {data_dir} was prepared by {age} version of its "
-            f"builder ({others[-1]}); this code reads version {current}, so prepare it again "
-            f"with the same command: {_prepare_command(dataset, data_dir)}")
-      raise MissingFile(f"no prepared {dataset} dataset under {data_dir}; run "
-                              f"{_prepare_command(dataset, data_dir)}")
-    self._redo = (f"the prepared {dataset} dataset in {builder.data_dir} is inconsistent; "
-                  f"prepare it again: {_prepare_command(dataset, data_dir)}")
+          f"the {dataset} dataset under {data_dir} was prepared by {age} version of its "
+          f"builder ({others[-1]}); this code reads version {current}, so prepare it again "
+          f"with the same command: {_prepare_command(dataset, data_dir)}"
+        )
+      raise MissingFile(
+        f"no prepared {dataset} dataset under {data_dir}; run {_prepare_command(dataset, data_dir)}"
+      )
+    self._redo = (
+      f"the prepared {dataset} dataset in {builder.data_dir} is inconsistent; "
+      f"prepare it again: {_prepare_command(dataset, data_dir)}"
+    )
     self.source = builder.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
     metadata = builder.info.metadata
     meta = metadata.get(split) if metadata is not None else None
@@ -161,8 +179,9 @@ class TfdsSource:
       raise DataError(f"{self._redo} (metadata.json has no usable {split} metadata)")
     lengths = {k: len(meta[k]) for k in META_FIELDS}
     if set(lengths.values()) != {len(self.source)}:
-      raise DataError(f"{self._redo} (the {split} split holds {len(self.source)} records, "
-                       f"its metadata {lengths})")
+      raise DataError(
+        f"{self._redo} (the {split} split holds {len(self.source)} records, its metadata {lengths})"
+      )
     self.pids = np.array(meta["pid"], np.int64)
     self.cameras = np.array(meta["camera"], np.int64)
     self.times = np.array(meta["time"], np.float64)
@@ -174,11 +193,16 @@ class TfdsSource:
 
   def _check(self, i: int) -> None:
     ex = self[i]
-    want = {"pid": int(self.pids[i]), "camera": int(self.cameras[i]),
-            "time": float(self.times[i]), "where": self.names[i]}
+    want = {
+      "pid": int(self.pids[i]),
+      "camera": int(self.cameras[i]),
+      "time": float(self.times[i]),
+      "where": self.names[i],
+    }
     got = {k: ex[k] for k in want}
-    same_time = got["time"] == want["time"] or (math.isnan(got["time"])
-                                                and math.isnan(want["time"]))
+    same_time = got["time"] == want["time"] or (
+      math.isnan(got["time"]) and math.isnan(want["time"])
+    )
     if not same_time or any(got[k] != want[k] for k in ("pid", "camera", "where")):
       raise DataError(f"{self._redo} (record {i} holds {got}, its metadata {want})")
 
@@ -187,8 +211,13 @@ class TfdsSource:
 
   def __getitem__(self, i: int) -> dict:
     ex = self.source[i]
-    return {"image": ex["image"], "pid": int(ex["pid"]), "camera": int(ex["camera"]),
-            "time": float(ex["time"]), "where": _text(ex["filename"])}
+    return {
+      "image": ex["image"],
+      "pid": int(ex["pid"]),
+      "camera": int(ex["camera"]),
+      "time": float(ex["time"]),
+      "where": _text(ex["filename"]),
+    }
 
 
 def _text(value) -> str:

@@ -6,7 +6,7 @@ TLift's published numbers depend on these exact rules, quirks included.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Iterable
+from collections.abc import Iterable
 
 MARKET_FPS = 25.0
 MARKET_CAMERAS = 6
@@ -47,8 +47,9 @@ def market_session_offsets(frames: Iterable[tuple[int, int, int]]) -> dict[tuple
   return offsets
 
 
-def market_time(camera: int, session: int, frame: int,
-                offsets: dict[tuple[int, int], int]) -> float:
+def market_time(
+  camera: int, session: int, frame: int, offsets: dict[tuple[int, int], int]
+) -> float:
   """Seconds of a Market-1501 image (1-based camera and session).
 
   Raises:
@@ -62,8 +63,9 @@ def market_time(camera: int, session: int, frame: int,
     raise ValueError(f"Market-1501 session {session} is outside sessions 1..{MARKET_SESSIONS}.")
   if (camera, session) not in offsets:
     seen = sorted({c for c, _ in offsets})
-    raise ValueError(f"Market-1501 camera {camera} has no session offsets; the offsets hold "
-                     f"cameras {seen}.")
+    raise ValueError(
+      f"Market-1501 camera {camera} has no session offsets; the offsets hold cameras {seen}."
+    )
   return (frame + offsets[camera, session]) / MARKET_FPS
 
 
@@ -75,6 +77,5 @@ def duke_time(camera: int, frame: int) -> float:
       camera 8's offset from the end).
   """
   if not 1 <= camera <= len(DUKE_OFFSETS):
-    raise ValueError(f"DukeMTMC-reID camera {camera} is outside cameras "
-                     f"1..{len(DUKE_OFFSETS)}.")
+    raise ValueError(f"DukeMTMC-reID camera {camera} is outside cameras 1..{len(DUKE_OFFSETS)}.")
   return (frame + DUKE_OFFSETS[camera - 1]) / DUKE_FPS

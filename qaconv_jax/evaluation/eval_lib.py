@@ -13,8 +13,8 @@ import numpy as np
 
 from qaconv_jax import checkpoint
 from qaconv_jax.config_checks import check_config
-from qaconv_jax.errors import ConfigError
 from qaconv_jax.data.pipeline import eval_image, materialize_synthetic, open_source
+from qaconv_jax.errors import ConfigError
 from qaconv_jax.evaluation.testset import evaluate_testset
 from qaconv_jax.models.model import QAConvModel, build_model
 from qaconv_jax.models.qaconv import match_maxima_with_indices
@@ -52,20 +52,33 @@ def _pictures(out_dir, name, query, gallery, result, image_size, n: int) -> None
   h, w = result["query_maps"].shape[1:3]
   for q in range(min(n, len(query))):
     ranked = topk[q]
-    strip = ranking_strip(eval_image(query, q, image_size),
-                          [eval_image(gallery, int(g), image_size) for g in ranked],
-                          [bool(gallery.pids[g] == query.pids[q]) for g in ranked])
+    strip = ranking_strip(
+      eval_image(query, q, image_size),
+      [eval_image(gallery, int(g), image_size) for g in ranked],
+      [bool(gallery.pids[g] == query.pids[q]) for g in ranked],
+    )
     strip.save(os.path.join(out_dir, f"{name}_q{q:04d}_top{len(ranked)}.png"))
     g = int(ranked[0])
-    maxima, idx = match_maxima_with_indices(result["query_maps"][q:q + 1],
-                                            result["gallery_maps"][g:g + 1])
-    correspondences(eval_image(query, q, image_size), eval_image(gallery, g, image_size),
-                    np.asarray(maxima[0, 0]), np.asarray(idx[0, 0]), (h, w)).save(
-                        os.path.join(out_dir, f"{name}_q{q:04d}_matches.png"))
+    maxima, idx = match_maxima_with_indices(
+      result["query_maps"][q : q + 1], result["gallery_maps"][g : g + 1]
+    )
+    correspondences(
+      eval_image(query, q, image_size),
+      eval_image(gallery, g, image_size),
+      np.asarray(maxima[0, 0]),
+      np.asarray(idx[0, 0]),
+      (h, w),
+    ).save(os.path.join(out_dir, f"{name}_q{q:04d}_matches.png"))
 
 
-def evaluate_variables(config: ml_collections.ConfigDict, workdir: str, variables: dict,
-                       step: int, visualize: int = 0, quiet: bool = False) -> dict:
+def evaluate_variables(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  variables: dict,
+  step: int,
+  visualize: int = 0,
+  quiet: bool = False,
+) -> dict:
   """Evaluates ``variables`` (params + batch_stats) on every set of ``config.eval.testsets``,
   prints a table and writes ``<workdir>/eval/``; returns the summary."""
   embed, match = model_fns(build_model(config.model), variables)
@@ -75,8 +88,9 @@ def evaluate_variables(config: ml_collections.ConfigDict, workdir: str, variable
   summary, rows = {"step": int(step), "testsets": {}}, []
   for name in [t.strip() for t in config.eval.testsets.split(",") if t.strip()]:
     if name not in config.eval.sources:
-      raise ConfigError(f"unknown test set {name!r}; config.eval.sources has "
-                       f"{sorted(config.eval.sources)}.")
+      raise ConfigError(
+        f"unknown test set {name!r}; config.eval.sources has {sorted(config.eval.sources)}."
+      )
     src_cfg = materialize_synthetic(config.eval.sources[name], os.path.join(workdir, "data"))
     query, gallery = open_source(src_cfg, "query"), open_source(src_cfg, "gallery")
     result = evaluate_testset(embed, match, query, gallery, config.eval, image_size)
@@ -84,15 +98,21 @@ def evaluate_variables(config: ml_collections.ConfigDict, workdir: str, variable
       print(f"{name}: {note}", flush=True)
     summary["testsets"][name] = result["results"]
     rows += [(name, m, r) for m, r in result["results"].items()]
-    lists = [{"query": query.names[q], "pid": int(query.pids[q]),
-              "camera": int(query.cameras[q]),
-              **{m: [gallery.names[g] for g in t[q]] for m, t in result["topk"].items()}}
-             for q in range(len(query))]
+    lists = [
+      {
+        "query": query.names[q],
+        "pid": int(query.pids[q]),
+        "camera": int(query.cameras[q]),
+        **{m: [gallery.names[g] for g in t[q]] for m, t in result["topk"].items()},
+      }
+      for q in range(len(query))
+    ]
     with open(os.path.join(out_dir, f"{name}_top{config.eval.topk}.json"), "w") as f:
       json.dump(lists, f)
     if visualize:
-      _pictures(os.path.join(out_dir, "pictures"), name, query, gallery, result, image_size,
-                visualize)
+      _pictures(
+        os.path.join(out_dir, "pictures"), name, query, gallery, result, image_size, visualize
+      )
   with open(os.path.join(out_dir, "results.json"), "w") as f:
     json.dump(summary, f, indent=2)
   if not quiet:
@@ -100,16 +120,22 @@ def evaluate_variables(config: ml_collections.ConfigDict, workdir: str, variable
   return summary
 
 
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
-                        step: int | None = None, visualize: int = 0) -> dict:
+def evaluate_checkpoint(
+  config: ml_collections.ConfigDict, workdir: str, step: int | None = None, visualize: int = 0
+) -> dict:
   """Restores ``workdir``'s latest (or ``step``) checkpoint and evaluates it."""
   check_config(config, training=False)
   step, state = checkpoint.restore_latest(workdir, step, model_cfg=config.model.to_dict())
   absent = {"neck", "qaconv"} - set(state["params"])
   if absent:
     raise checkpoint.CheckpointMismatch(
-        f"{workdir} holds no {' or '.join(sorted(absent))} weights (a converted ImageNet "
-        "backbone?): train from it with config.init_from, then evaluate the training workdir.")
-  return evaluate_variables(config, workdir, {"params": state["params"],
-                                              "batch_stats": state["batch_stats"]},
-                            step, visualize)
+      f"{workdir} holds no {' or '.join(sorted(absent))} weights (a converted ImageNet "
+      "backbone?): train from it with config.init_from, then evaluate the training workdir."
+    )
+  return evaluate_variables(
+    config,
+    workdir,
+    {"params": state["params"], "batch_stats": state["batch_stats"]},
+    step,
+    visualize,
+  )

@@ -1,4 +1,4 @@
-"""CMC, mAP and mINP under the Market-1501 protocol (SPEC section 5).
+"""CMC, mAP and mINP under the Market-1501 protocol (docs/method.md §5).
 
 For each query, gallery items with the same pid AND the same camera are removed; a query
 with no positive left is skipped. Ranking is by ascending distance with ties broken by
@@ -35,11 +35,16 @@ def _check(dist, query_pids, gallery_pids, query_cams, gallery_cams):
   p, g = dist.shape
   if p == 0 or g == 0:
     raise ValueError(f"empty query or gallery: dist has shape {dist.shape}.")
-  for name, arr, n in (("query_pids", query_pids, p), ("query_cams", query_cams, p),
-                       ("gallery_pids", gallery_pids, g), ("gallery_cams", gallery_cams, g)):
+  for name, arr, n in (
+    ("query_pids", query_pids, p),
+    ("query_cams", query_cams, p),
+    ("gallery_pids", gallery_pids, g),
+    ("gallery_cams", gallery_cams, g),
+  ):
     if np.shape(arr) != (n,):
-      raise ValueError(f"{name} must have length {n} to match dist {dist.shape}, "
-                       f"got shape {np.shape(arr)}.")
+      raise ValueError(
+        f"{name} must have length {n} to match dist {dist.shape}, got shape {np.shape(arr)}."
+      )
   if not np.isfinite(dist).all():
     bad = np.argwhere(~np.isfinite(dist))[0]
     raise ValueError(f"dist holds NaN/Inf (first at query {bad[0]}, gallery {bad[1]}).")
@@ -73,13 +78,23 @@ def _rank_chunk(dist, rows, qp, qc, gp, gc, ap_mode):
   np.minimum.at(first, r, pos)
   last = np.full(n, -1)
   np.maximum.at(last, r, pos)
-  return (np.where(valid, first, -1), np.where(valid, ap_sum / np.maximum(n_hit, 1), np.nan),
-          np.where(valid, n_hit / np.maximum(last + 1.0, 1.0), np.nan))
+  return (
+    np.where(valid, first, -1),
+    np.where(valid, ap_sum / np.maximum(n_hit, 1), np.nan),
+    np.where(valid, n_hit / np.maximum(last + 1.0, 1.0), np.nan),
+  )
 
 
-def evaluate_ranking(dist, query_pids, gallery_pids, query_cams, gallery_cams,
-                     max_rank: int = 100, ap_mode: str = "step",
-                     chunk: int = 256) -> dict:
+def evaluate_ranking(
+  dist,
+  query_pids,
+  gallery_pids,
+  query_cams,
+  gallery_cams,
+  max_rank: int = 100,
+  ap_mode: str = "step",
+  chunk: int = 256,
+) -> dict:
   """Market-1501 protocol metrics.
 
   Args:
@@ -104,16 +119,22 @@ def evaluate_ranking(dist, query_pids, gallery_pids, query_cams, gallery_cams,
   chunks = [np.arange(s, min(p, s + chunk)) for s in range(0, p, chunk)]
   # numpy's sort releases the GIL: one chunk per core at a time.
   with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-    parts = list(pool.map(lambda rows: _rank_chunk(dist, rows, qp, qc, gp, gc, ap_mode),
-                          chunks))
+    parts = list(pool.map(lambda rows: _rank_chunk(dist, rows, qp, qc, gp, gc, ap_mode), chunks))
   first_hit, ap, inp = (np.concatenate(x) for x in zip(*parts))
   valid = first_hit >= 0
   n_valid = int(valid.sum())
   if n_valid == 0:
-    raise DataError("no query has a valid positive in the gallery (same pid in another "
-                     "camera): check the ids and cameras.")
+    raise DataError(
+      "no query has a valid positive in the gallery (same pid in another "
+      "camera): check the ids and cameras."
+    )
   cmc = np.zeros(max_rank)
   hits = first_hit[valid]
   np.add.at(cmc, hits[hits < max_rank], 1.0)
-  return {"cmc": np.cumsum(cmc) / n_valid, "mAP": float(np.nanmean(ap)),
-          "mINP": float(np.nanmean(inp)), "num_valid_queries": n_valid, "ap": ap}
+  return {
+    "cmc": np.cumsum(cmc) / n_valid,
+    "mAP": float(np.nanmean(ap)),
+    "mINP": float(np.nanmean(inp)),
+    "num_valid_queries": n_valid,
+    "ap": ap,
+  }

@@ -17,11 +17,15 @@ def check_rerank_params(k1: int, k2: int, lambda_value: float) -> None:
   if int(k1) != k1 or k1 < 1:
     raise ValueError(f"k1={k1!r}: expected an integer >= 1 (the neighbours of each image).")
   if int(k2) != k2 or not 1 <= k2 <= k1 + 1:
-    raise ValueError(f"k2={k2!r}: expected an integer in [1, k1 + 1] = [1, {int(k1) + 1}] (query "
-                     "expansion averages each image's k2 nearest of its k1 + 1 neighbours).")
+    raise ValueError(
+      f"k2={k2!r}: expected an integer in [1, k1 + 1] = [1, {int(k1) + 1}] (query "
+      "expansion averages each image's k2 nearest of its k1 + 1 neighbours)."
+    )
   if not 0.0 <= lambda_value <= 1.0:
-    raise ValueError(f"lambda_value={lambda_value!r}: expected a weight in [0, 1] (the share of "
-                     "the original distance in the result).")
+    raise ValueError(
+      f"lambda_value={lambda_value!r}: expected a weight in [0, 1] (the share of "
+      "the original distance in the result)."
+    )
 
 
 class _Distances:
@@ -31,8 +35,9 @@ class _Distances:
     self.qg, self.qq, self.gg = qg, qq, gg
     self.p, self.g = qg.shape
     # Column maxima of D = [[qq, qg], [qg^T, gg]].
-    self.colmax = np.concatenate([np.maximum(qq.max(axis=0), qg.max(axis=1)),
-                                  np.maximum(qg.max(axis=0), gg.max(axis=0))]).astype(np.float32)
+    self.colmax = np.concatenate(
+      [np.maximum(qq.max(axis=0), qg.max(axis=1)), np.maximum(qg.max(axis=0), gg.max(axis=0))]
+    ).astype(np.float32)
 
   def rows(self, lo: int, hi: int) -> np.ndarray:
     """``D'[lo:hi, :]`` as ``[hi-lo, N]`` float32."""
@@ -79,7 +84,7 @@ def _neighbours(d: _Distances, k: int, block: int) -> np.ndarray:
     if len(tied):
       part[tied] = np.argsort(rows[tied], axis=1, kind="stable")[:, :k]
     vals = np.take_along_axis(rows, part, axis=1)
-    out[lo:lo + len(rows)] = _order_by_value_then_index(vals, part)
+    out[lo : lo + len(rows)] = _order_by_value_then_index(vals, part)
   return out
 
 
@@ -96,8 +101,8 @@ def _reciprocal(fwd: np.ndarray) -> np.ndarray:
   n = len(fwd)
   out = np.empty(fwd.shape, bool)
   for lo in range(0, n, 4096):
-    f = fwd[lo:lo + 4096]
-    out[lo:lo + 4096] = (fwd[f] == np.arange(lo, lo + len(f))[:, None, None]).any(axis=2)
+    f = fwd[lo : lo + 4096]
+    out[lo : lo + 4096] = (fwd[f] == np.arange(lo, lo + len(f))[:, None, None]).any(axis=2)
   return out
 
 
@@ -111,8 +116,9 @@ def _unique_rows(cols: np.ndarray, vals: np.ndarray):
   first = c >= 0
   first[:, 1:] &= c[:, 1:] != c[:, :-1]
   seg = np.cumsum(first.ravel()) - 1  # run id of every entry (padding adds 0.0 below)
-  sums = np.bincount(seg[c.ravel() >= 0], weights=v.ravel()[c.ravel() >= 0],
-                     minlength=int(first.sum()))
+  sums = np.bincount(
+    seg[c.ravel() >= 0], weights=v.ravel()[c.ravel() >= 0], minlength=int(first.sum())
+  )
   counts = first.sum(axis=1)
   row = np.repeat(np.arange(n), counts)
   pos = np.arange(len(row)) - np.repeat(np.cumsum(counts) - counts, counts)
@@ -123,8 +129,9 @@ def _unique_rows(cols: np.ndarray, vals: np.ndarray):
   return out_cols, out_vals
 
 
-def k_reciprocal_rerank(dist_qg, dist_qq, dist_gg, k1: int = 20, k2: int = 6,
-                        lambda_value: float = 0.3, block: int = 1024) -> np.ndarray:
+def k_reciprocal_rerank(
+  dist_qg, dist_qq, dist_gg, k1: int = 20, k2: int = 6, lambda_value: float = 0.3, block: int = 1024
+) -> np.ndarray:
   """Re-ranked ``[P, G]`` float32 distance (docs/method.md §6).
 
   Args:
@@ -140,8 +147,10 @@ def k_reciprocal_rerank(dist_qg, dist_qq, dist_gg, k1: int = 20, k2: int = 6,
   gg = np.asarray(dist_gg, np.float32)
   p, g = qg.shape if qg.ndim == 2 else (-1, -1)
   if qg.ndim != 2 or qq.shape != (p, p) or gg.shape != (g, g):
-    raise ValueError(f"expected dist_qg [P, G], dist_qq [P, P], dist_gg [G, G]; got "
-                     f"{qg.shape}, {qq.shape}, {gg.shape}.")
+    raise ValueError(
+      f"expected dist_qg [P, G], dist_qq [P, P], dist_gg [G, G]; got "
+      f"{qg.shape}, {qq.shape}, {gg.shape}."
+    )
   if p == 0 or g == 0:
     raise ValueError(f"empty query or gallery: dist_qg has shape {qg.shape}.")
   for name, a in (("dist_qg", qg), ("dist_qq", qq), ("dist_gg", gg)):
@@ -154,7 +163,7 @@ def k_reciprocal_rerank(dist_qg, dist_qq, dist_gg, k1: int = 20, k2: int = 6,
   fwd = _neighbours(d, k1 + 1, block)  # [N, k1+1] (includes i itself, first)
   recip = _reciprocal(fwd)
   half = int(np.around(k1 / 2))
-  fwd_h = fwd[:, :half + 1]
+  fwd_h = fwd[:, : half + 1]
   recip_h = _reciprocal(fwd_h)
   r_cols = np.where(recip, fwd, -1)  # R(i), padded  [N, k1+1]
 
@@ -164,8 +173,7 @@ def k_reciprocal_rerank(dist_qg, dist_qq, dist_gg, k1: int = 20, k2: int = 6,
   size = (cand >= 0).sum(axis=2)
   inside = ((cand[..., None] == r_cols[:, None, None, :]) & (cand[..., None] >= 0)).any(axis=3)
   accept = inside.sum(axis=2) > (2.0 / 3.0) * size  # [N, k1+1]
-  expanded = np.concatenate(
-      [r_cols, np.where(accept[..., None], cand, -1).reshape(n, -1)], axis=1)
+  expanded = np.concatenate([r_cols, np.where(accept[..., None], cand, -1).reshape(n, -1)], axis=1)
   cols, _ = _unique_rows(expanded, np.zeros(expanded.shape, np.float32))  # the union
   rows = np.arange(n)[:, None].repeat(cols.shape[1], 1)
   vals = np.where(cols >= 0, np.exp(-d.at(rows, np.maximum(cols, 0))), 0.0)
@@ -202,7 +210,8 @@ def _jaccard_distance(cols, vals, p, g, chunk: int = 512) -> np.ndarray:
     offset = np.arange(len(rep)) - np.repeat(np.cumsum(count) - count, count)
     ent = start[q_col][rep] + offset
     contrib = np.minimum(q_val[rep], ent_val[ent])
-    m = np.bincount(q_rows[rep] * g + ent_row[ent], weights=contrib,
-                    minlength=(hi - lo) * g).reshape(hi - lo, g)
+    m = np.bincount(
+      q_rows[rep] * g + ent_row[ent], weights=contrib, minlength=(hi - lo) * g
+    ).reshape(hi - lo, g)
     out[lo:hi] = 1.0 - m / (2.0 - m)
   return out

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import jax.numpy as jnp
 import numpy as np
@@ -33,15 +33,18 @@ class Progress:
     eta = elapsed / self.done * (self.total - self.done)
     width = 30
     filled = int(width * self.done / self.total)
-    self.stream.write(f"\r{self.label}: [{'#' * filled}{'.' * (width - filled)}] "
-                      f"{self.done}/{self.total}  {elapsed:5.1f}s  ETA {eta:5.1f}s")
+    self.stream.write(
+      f"\r{self.label}: [{'#' * filled}{'.' * (width - filled)}] "
+      f"{self.done}/{self.total}  {elapsed:5.1f}s  ETA {eta:5.1f}s"
+    )
     if self.done >= self.total:
       self.stream.write("\n")
     self.stream.flush()
 
 
-def extract_maps(embed_fn: Callable, source, image_size: tuple[int, int], batch_size: int,
-                 label: str = "features") -> np.ndarray:
+def extract_maps(
+  embed_fn: Callable, source, image_size: tuple[int, int], batch_size: int, label: str = "features"
+) -> np.ndarray:
   """``[N, h, w, d]`` float32 maps of every image of ``source`` (in source order).
 
   ``embed_fn(images [B, H, W, 3]) -> [B, h, w, d]`` should be jitted; every call has the
@@ -69,9 +72,15 @@ def block_shape(num_probe: int, num_gallery: int, hw: int, budget_bytes: float) 
   return bp, bg
 
 
-def pairwise_distance(match_fn: Callable, probe: np.ndarray, gallery: np.ndarray,
-                      budget_bytes: float = 2 * 2**30, block: tuple[int, int] | None = None,
-                      label: str = "scores", return_logits: bool = False):
+def pairwise_distance(
+  match_fn: Callable,
+  probe: np.ndarray,
+  gallery: np.ndarray,
+  budget_bytes: float = 2 * 2**30,
+  block: tuple[int, int] | None = None,
+  label: str = "scores",
+  return_logits: bool = False,
+):
   """QAConv distance ``[P, G]`` = ``1 - sigmoid(logit / 10)``, block by block (with
   ``return_logits``: ``(distance, logits)``, both ``[P, G]`` float32).
 
@@ -80,19 +89,21 @@ def pairwise_distance(match_fn: Callable, probe: np.ndarray, gallery: np.ndarray
   p, g = len(probe), len(gallery)
   hw = probe.shape[1] * probe.shape[2]
   bp, bg = block or block_shape(p, g, hw, budget_bytes)
+
   def pad(x, n):  # to a multiple of n rows, so every block has one shape
     return np.concatenate([x, np.zeros(((n - len(x) % n) % n, *x.shape[1:]), x.dtype)])
+
   probe_p, gallery_p = pad(probe, bp), pad(gallery, bg)
   out = np.empty((p, g), np.float32)
   out_logits = np.empty((p, g), np.float32) if return_logits else None
   bar = Progress(label, (len(probe_p) // bp) * (len(gallery_p) // bg))
   for i in range(0, len(probe_p), bp):
-    pi = jnp.asarray(probe_p[i:i + bp])
+    pi = jnp.asarray(probe_p[i : i + bp])
     for j in range(0, len(gallery_p), bg):
-      logits = match_fn(pi, jnp.asarray(gallery_p[j:j + bg]))
+      logits = match_fn(pi, jnp.asarray(gallery_p[j : j + bg]))
       rows, cols = min(bp, p - i), min(bg, g - j)
-      out[i:i + bp, j:j + bg] = np.asarray(qaconv_distance(logits))[:rows, :cols]
+      out[i : i + bp, j : j + bg] = np.asarray(qaconv_distance(logits))[:rows, :cols]
       if return_logits:
-        out_logits[i:i + bp, j:j + bg] = np.asarray(logits)[:rows, :cols]
+        out_logits[i : i + bp, j : j + bg] = np.asarray(logits)[:rows, :cols]
       bar.update()
   return (out, out_logits) if return_logits else out

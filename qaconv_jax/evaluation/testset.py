@@ -3,7 +3,7 @@ rows +TLift, +RR and +RR+TLift (docs/method.md §5-§7)."""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -19,8 +19,11 @@ RANKS = (1, 5, 10, 20)
 def summarize(result: dict) -> dict:
   """Metrics dict -> the numbers we print and save (percent)."""
   out = {f"rank{r}": 100.0 * float(result["cmc"][r - 1]) for r in RANKS}
-  out.update(mAP=100.0 * result["mAP"], mINP=100.0 * result["mINP"],
-             num_valid_queries=result["num_valid_queries"])
+  out.update(
+    mAP=100.0 * result["mAP"],
+    mINP=100.0 * result["mINP"],
+    num_valid_queries=result["num_valid_queries"],
+  )
   return out
 
 
@@ -30,13 +33,14 @@ def top_k_lists(dist: np.ndarray, k: int, chunk: int = 512) -> np.ndarray:
   k = min(k, dist.shape[1])
   out = np.empty((dist.shape[0], k), np.int64)
   for lo in range(0, dist.shape[0], chunk):
-    keys = np.partition(sort_keys(dist[lo:lo + chunk]), k - 1, axis=1)[:, :k]
-    out[lo:lo + chunk] = (np.sort(keys, axis=1) & np.uint64(0xFFFFFFFF)).astype(np.int64)
+    keys = np.partition(sort_keys(dist[lo : lo + chunk]), k - 1, axis=1)[:, :k]
+    out[lo : lo + chunk] = (np.sort(keys, axis=1) & np.uint64(0xFFFFFFFF)).astype(np.int64)
   return out
 
 
-def evaluate_testset(embed_fn: Callable, match_fn: Callable, query, gallery, cfg,
-                     image_size: tuple[int, int]) -> dict:
+def evaluate_testset(
+  embed_fn: Callable, match_fn: Callable, query, gallery, cfg, image_size: tuple[int, int]
+) -> dict:
   """Evaluates one test set.
 
   Args:
@@ -59,8 +63,9 @@ def evaluate_testset(embed_fn: Callable, match_fn: Callable, query, gallery, cfg
   q_maps = extract_maps(embed_fn, query, image_size, cfg.batch_size, "query features")
   g_maps = extract_maps(embed_fn, gallery, image_size, cfg.batch_size, "gallery features")
   ids = (query.pids, gallery.pids, query.cameras, gallery.cameras)
-  dist, logits = pairwise_distance(match_fn, q_maps, g_maps, budget, label="query x gallery",
-                                   return_logits=True)
+  dist, logits = pairwise_distance(
+    match_fn, q_maps, g_maps, budget, label="query x gallery", return_logits=True
+  )
   dists = {"QAConv": dist}
   notes = []
   tlift = bool(cfg.tlift)
@@ -69,19 +74,35 @@ def evaluate_testset(embed_fn: Callable, match_fn: Callable, query, gallery, cfg
     tlift = False
 
   def lift(score: np.ndarray) -> np.ndarray:  # similarity -> lifted distance
-    lifted = temporal_lift(score, query.cameras, query.times, gallery.cameras, gallery.times,
-                           cfg.tau, cfg.sigma, cfg.tlift_k, cfg.alpha)
+    lifted = temporal_lift(
+      score,
+      query.cameras,
+      query.times,
+      gallery.cameras,
+      gallery.times,
+      cfg.tau,
+      cfg.sigma,
+      cfg.tlift_k,
+      cfg.alpha,
+    )
     return 1.0 - np.asarray(lifted)
+
   if tlift:
     dists["QAConv+TLift"] = lift(np.asarray(jax.nn.sigmoid(logits)))
   if cfg.rerank:
     qq = pairwise_distance(match_fn, q_maps, q_maps, budget, label="query x query")
     gg = pairwise_distance(match_fn, g_maps, g_maps, budget, label="gallery x gallery")
-    dists["QAConv+RR"] = k_reciprocal_rerank(dists["QAConv"], qq, gg, cfg.k1, cfg.k2,
-                                             cfg.lambda_value)
+    dists["QAConv+RR"] = k_reciprocal_rerank(
+      dists["QAConv"], qq, gg, cfg.k1, cfg.k2, cfg.lambda_value
+    )
     if tlift:
       dists["QAConv+RR+TLift"] = lift(1.0 - dists["QAConv+RR"])
-  results = {m: summarize(evaluate_ranking(d, *ids, ap_mode=cfg.ap_mode))
-             for m, d in dists.items()}
-  return {"results": results, "topk": {m: top_k_lists(d, cfg.topk) for m, d in dists.items()},
-          "dist": dists, "query_maps": q_maps, "gallery_maps": g_maps, "notes": notes}
+  results = {m: summarize(evaluate_ranking(d, *ids, ap_mode=cfg.ap_mode)) for m, d in dists.items()}
+  return {
+    "results": results,
+    "topk": {m: top_k_lists(d, cfg.topk) for m, d in dists.items()},
+    "dist": dists,
+    "query_maps": q_maps,
+    "gallery_maps": g_maps,
+    "notes": notes,
+  }

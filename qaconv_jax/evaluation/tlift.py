@@ -80,6 +80,7 @@ def _lift(score, t_hi, t_lo, cam_cols, rows, in_window, *, k, sigma, alpha, chun
       # subtracting whole times (hi + lo) would round them to their float32 spacing first.
       dt = (hi[:, None] - th[None, :]) + (lo[:, None] - tl[None, :])  # [L, Gm]
       return jnp.dot(pv, jnp.exp(jnp.square(dt) * neg_inv))  # [Gm]
+
     pv = pivot.astype(jnp.float32)
     wgt = jax.lax.map(weights, (top_hi, top_lo, pv), batch_size=chunk)
     wgt = wgt / jnp.sum(pv, axis=1, keepdims=True)
@@ -88,6 +89,7 @@ def _lift(score, t_hi, t_lo, cam_cols, rows, in_window, *, k, sigma, alpha, chun
     row_overflow = (kk < valid.sum()) & jnp.any(win_vals[..., kk - 1] >= thr[:, None], axis=1)
     slot_overflow = (top_v.shape[1] < w * kk) & (top_v[:, -1] >= thr)
     return (wgt + alpha) * s, row_overflow | slot_overflow
+
   lifted, flags = score, []
   for c in range(cam_cols.shape[0]):  # unrolled: cameras are few
     cols = cam_cols[c]
@@ -100,9 +102,18 @@ def _lift(score, t_hi, t_lo, cam_cols, rows, in_window, *, k, sigma, alpha, chun
   return lifted, jnp.stack(flags)
 
 
-def temporal_lift(score, query_cams, query_times, gallery_cams, gallery_times,
-                  tau: float = 100.0, sigma: float = 200.0, k: int = 10,
-                  alpha: float = 0.2, chunk: int = 256) -> jax.Array:
+def temporal_lift(
+  score,
+  query_cams,
+  query_times,
+  gallery_cams,
+  gallery_times,
+  tau: float = 100.0,
+  sigma: float = 200.0,
+  k: int = 10,
+  alpha: float = 0.2,
+  chunk: int = 256,
+) -> jax.Array:
   """Lifted similarity ``[P, G]`` float32 (see the module docstring).
 
   Args:
@@ -118,14 +129,21 @@ def temporal_lift(score, query_cams, query_times, gallery_cams, gallery_times,
   p, g = score.shape
   qc, qt = np.asarray(query_cams), np.asarray(query_times, np.float64)
   gc, gt = np.asarray(gallery_cams), np.asarray(gallery_times, np.float64)
-  for name, arr, n in (("query_cams", qc, p), ("query_times", qt, p),
-                       ("gallery_cams", gc, g), ("gallery_times", gt, g)):
+  for name, arr, n in (
+    ("query_cams", qc, p),
+    ("query_times", qt, p),
+    ("gallery_cams", gc, g),
+    ("gallery_times", gt, g),
+  ):
     if arr.shape != (n,):
-      raise ValueError(f"{name} must have length {n} to match score {score.shape}, "
-                       f"got {arr.shape}.")
+      raise ValueError(
+        f"{name} must have length {n} to match score {score.shape}, got {arr.shape}."
+      )
   if not (np.isfinite(qt).all() and np.isfinite(gt).all()):
-    raise ValueError("TLift needs a finite time stamp for every image; this set has none "
-                     "(or some are NaN): skip TLift for it.")
+    raise ValueError(
+      "TLift needs a finite time stamp for every image; this set has none "
+      "(or some are NaN): skip TLift for it."
+    )
   if p == 0 or g == 0 or k < 1 or tau <= 0:
     raise ValueError(f"need a non-empty score (got {score.shape}), k >= 1 and tau > 0.")
 
@@ -145,9 +163,18 @@ def temporal_lift(score, query_cams, query_times, gallery_cams, gallery_times,
   cam_cols = np.stack([np.pad(c, (0, gm - len(c)), constant_values=g) for c in cols])
   gt_hi = gt.astype(np.float32)
   gt_lo = (gt - gt_hi).astype(np.float32)  # the rest, exact in float64 before rounding
-  lifted, overflow = _lift(score, jnp.asarray(gt_hi), jnp.asarray(gt_lo), jnp.asarray(cam_cols),
-                           jnp.asarray(rows), jnp.asarray(in_window), k=k,
-                           sigma=float(sigma), alpha=float(alpha), chunk=chunk)
+  lifted, overflow = _lift(
+    score,
+    jnp.asarray(gt_hi),
+    jnp.asarray(gt_lo),
+    jnp.asarray(cam_cols),
+    jnp.asarray(rows),
+    jnp.asarray(in_window),
+    k=k,
+    sigma=float(sigma),
+    alpha=float(alpha),
+    chunk=chunk,
+  )
   overflow = np.asarray(overflow)
   if overflow.any():  # rare: heavy ties; redo those (probe, camera) blocks exactly
     lifted = np.array(lifted)

@@ -14,6 +14,8 @@ torch_default_kernel_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "u
 
 def uniform(bound: float):
   """U(-bound, bound); PyTorch's bias init with ``bound = 1/sqrt(fan_in)``."""
+
   def init(key, shape, dtype=jnp.float32):
     return jax.random.uniform(key, shape, dtype, -bound, bound)
+
   return init

@@ -30,6 +30,7 @@ class Neck(nn.Module):
 
   No ReLU. Output ``[N, h, w, dim]`` float32, L2-normalised at every location.
   """
+
   dim: int = 128
   version: str = "v1"
   dtype: Any = jnp.float32
@@ -39,9 +40,17 @@ class Neck(nn.Module):
     if self.version not in ("v1", "v2.1"):
       raise ConfigError(f"neck version must be 'v1' or 'v2.1', got {self.version!r}.")
     fan_in = 9 * x.shape[-1]
-    x = nn.Conv(self.dim, (3, 3), padding=((1, 1), (1, 1)), use_bias=self.version == "v2.1",
-                kernel_init=torch_default_kernel_init, bias_init=uniform(fan_in**-0.5),
-                dtype=self.dtype, param_dtype=jnp.float32, name="conv")(x)
+    x = nn.Conv(
+      self.dim,
+      (3, 3),
+      padding=((1, 1), (1, 1)),
+      use_bias=self.version == "v2.1",
+      kernel_init=torch_default_kernel_init,
+      bias_init=uniform(fan_in**-0.5),
+      dtype=self.dtype,
+      param_dtype=jnp.float32,
+      name="conv",
+    )(x)
     if self.version == "v1":
       x = BatchNorm(dtype=self.dtype, name="bn")(x, train)
     return l2_normalize(x.astype(jnp.float32))
@@ -69,6 +78,7 @@ class QAConvModel(nn.Module):
   ``__call__(images, memory=None, train)`` -> ``(features, logits)``, matching the batch
   against ``memory [C, h, w, d]`` (or against itself when no memory is given, as at init).
   """
+
   depth: int = 50
   width: int = 64
   ibn: str = ""  # "", "a" or "b": IBN-Net backbone variants
@@ -84,8 +94,9 @@ class QAConvModel(nn.Module):
       raise ConfigError(f"input_norm must be 'none' or 'imagenet', got {self.input_norm!r}.")
     self.backbone = ResNet(depth=self.depth, width=self.width, ibn=self.ibn, dtype=self.dtype)
     self.neck = Neck(dim=self.neck_dim, version=self.neck_version, dtype=self.dtype)
-    self.qaconv = (GapCosine() if self.head == "gap" else
-                   QAConv(head=self.head, block=self.match_block))
+    self.qaconv = (
+      GapCosine() if self.head == "gap" else QAConv(head=self.head, block=self.match_block)
+    )
 
   def embed(self, images: jax.Array, train: bool) -> jax.Array:
     if self.input_norm == "imagenet":
@@ -107,6 +118,14 @@ def build_model(cfg: ml_collections.ConfigDict) -> QAConvModel:
   if cfg.dtype not in dtypes:
     raise ConfigError(f"model.dtype must be one of {sorted(dtypes)}, got {cfg.dtype!r}.")
   block = None if cfg.match_block is None else tuple(cfg.match_block)
-  return QAConvModel(depth=cfg.depth, width=cfg.width, ibn=cfg.ibn, neck_dim=cfg.neck_dim,
-                     neck_version=cfg.neck_version, head=cfg.head, input_norm=cfg.input_norm,
-                     dtype=dtypes[cfg.dtype], match_block=block)
+  return QAConvModel(
+    depth=cfg.depth,
+    width=cfg.width,
+    ibn=cfg.ibn,
+    neck_dim=cfg.neck_dim,
+    neck_version=cfg.neck_version,
+    head=cfg.head,
+    input_norm=cfg.input_norm,
+    dtype=dtypes[cfg.dtype],
+    match_block=block,
+  )

@@ -1,4 +1,4 @@
-"""Query-adaptive convolution: the matcher of QAConv (SPEC section 2).
+"""Query-adaptive convolution: the matcher of QAConv (docs/method.md §2).
 
 For unit-length probe maps ``P [p, hw, d]`` and gallery maps ``G [g, hw, d]`` the cosine of
 every pair of locations is ``S[p, g, s, r] = P[p, s] . G[g, r]``; QAConv keeps two global
@@ -14,7 +14,7 @@ and segment-sums ``O(p g hw d)`` values instead of redoing the ``O(p g hw^2 d)``
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -31,11 +31,15 @@ DEFAULT_BLOCK = (8, 16)
 
 def _check_maps(probe: jax.Array, gallery: jax.Array) -> None:
   if probe.ndim != 4 or gallery.ndim != 4:
-    raise ValueError("match_maxima expects feature maps [n, h, w, d]; got probe "
-                     f"{probe.shape} and gallery {gallery.shape}.")
+    raise ValueError(
+      "match_maxima expects feature maps [n, h, w, d]; got probe "
+      f"{probe.shape} and gallery {gallery.shape}."
+    )
   if probe.shape[1:] != gallery.shape[1:]:
-    raise ValueError("probe and gallery maps must share (h, w, d); got probe "
-                     f"{probe.shape[1:]} and gallery {gallery.shape[1:]}.")
+    raise ValueError(
+      "probe and gallery maps must share (h, w, d); got probe "
+      f"{probe.shape[1:]} and gallery {gallery.shape[1:]}."
+    )
 
 
 def _similarity_tile(pt: jax.Array, gt: jax.Array) -> jax.Array:
@@ -46,8 +50,9 @@ def _similarity_tile(pt: jax.Array, gt: jax.Array) -> jax.Array:
   """
   tp, hw, d = pt.shape
   tg = gt.shape[0]
-  s = jnp.dot(pt.reshape(tp * hw, d), gt.reshape(tg * hw, d).T,
-              preferred_element_type=jnp.float32)  # [tp*hw, tg*hw]
+  s = jnp.dot(
+    pt.reshape(tp * hw, d), gt.reshape(tg * hw, d).T, preferred_element_type=jnp.float32
+  )  # [tp*hw, tg*hw]
   return s.reshape(tp, hw, tg, hw)
 
 
@@ -88,8 +93,7 @@ def _tiles(x: jax.Array, n: int, t: int) -> jax.Array:
   return x.reshape(n, t, *x.shape[1:])
 
 
-def _tiled(tile_fn: Callable, probe: jax.Array, gallery: jax.Array,
-           block: tuple[int, int] | None):
+def _tiled(tile_fn: Callable, probe: jax.Array, gallery: jax.Array, block: tuple[int, int] | None):
   """Applies ``tile_fn`` over a grid of (probe tile x gallery tile) and stitches the result.
 
   ``probe [p, hw, d]``, ``gallery [g, hw, d]``; ``tile_fn`` returns pytrees of ``[tp, tg, k]``.
@@ -105,6 +109,7 @@ def _tiled(tile_fn: Callable, probe: jax.Array, gallery: jax.Array,
   def stitch(x):  # [n_p, n_g, tp, tg, k] -> [p, g, k]
     x = x.transpose(0, 2, 1, 3, 4).reshape(n_p * tp, n_g * tg, x.shape[-1])
     return x[:p, :g]
+
   return jax.tree.map(stitch, out)
 
 
@@ -124,14 +129,18 @@ def _tile_grads(pt, gt, cot, idx, want_p: bool, want_g: bool):
   d_p = d_g = None
   if want_p:
     d_p = jnp.einsum("pgs,pgsd->psd", b, gt[gi, r_idx])  # gathered G rows [tp, tg, hw, d]
-    d_p += jax.ops.segment_sum((a[..., None] * gt[None]).reshape(-1, d),  # [tp*tg*hw, d]
-                               (pi * hw + s_idx).reshape(-1), num_segments=tp * hw)\
-        .reshape(tp, hw, d)
+    d_p += jax.ops.segment_sum(
+      (a[..., None] * gt[None]).reshape(-1, d),  # [tp*tg*hw, d]
+      (pi * hw + s_idx).reshape(-1),
+      num_segments=tp * hw,
+    ).reshape(tp, hw, d)
   if want_g:
     d_g = jnp.einsum("pgr,pgrd->grd", a, pt[pi, s_idx])  # gathered P rows [tp, tg, hw, d]
-    d_g += jax.ops.segment_sum((b[..., None] * pt[:, None]).reshape(-1, d),
-                               (gi * hw + r_idx).reshape(-1), num_segments=tg * hw)\
-        .reshape(tg, hw, d)
+    d_g += jax.ops.segment_sum(
+      (b[..., None] * pt[:, None]).reshape(-1, d),
+      (gi * hw + r_idx).reshape(-1),
+      num_segments=tg * hw,
+    ).reshape(tg, hw, d)
   return d_p, d_g
 
 
@@ -148,6 +157,7 @@ def _tiled_grads(probe, gallery, idx, cot, block, want_p: bool = True, want_g: b
   def pair_tiles(x):  # [p, g, 2hw] -> [n_p, n_g, tp, tg, 2hw]
     x = _tiles(jnp.swapaxes(_tiles(x, n_p, tp), 0, 2), n_g, tg)  # [n_g, tg, tp, n_p, 2hw]
     return x.transpose(3, 0, 2, 1, 4)
+
   idx_t, cot_t = pair_tiles(idx), pair_tiles(cot.astype(jnp.float32))
 
   def probe_row(d_gallery, row):
@@ -157,9 +167,11 @@ def _tiled_grads(probe, gallery, idx, cot, block, want_p: bool = True, want_g: b
       gt, it, ct = col
       d_p, d_g = _tile_grads(pt, gt, ct, it, want_p, want_g)
       return (d_pt + d_p if want_p else d_pt), d_g
+
     d_pt0 = jnp.zeros(pt.shape, jnp.float32) if want_p else None
     d_pt, d_gs = jax.lax.scan(gallery_tile, d_pt0, (gg, idx_row, cot_row))
     return (d_gallery + d_gs if want_g else d_gallery), d_pt
+
   d_gallery0 = jnp.zeros(gg.shape, jnp.float32) if want_g else None
   d_gallery, d_probe = jax.lax.scan(probe_row, d_gallery0, (pp, idx_t, cot_t))
   if want_p:
@@ -185,8 +197,10 @@ def _match_maxima_fwd(probe, gallery, block):
 def _match_maxima_bwd(block, residuals, cot):
   probe, gallery, idx, wanted = residuals
   d_p, d_g = _tiled_grads(probe, gallery, idx, cot, block, "p" in wanted, "g" in wanted)
-  return (jnp.zeros_like(probe) if d_p is None else d_p,
-          jnp.zeros_like(gallery) if d_g is None else d_g)
+  return (
+    jnp.zeros_like(probe) if d_p is None else d_p,
+    jnp.zeros_like(gallery) if d_g is None else d_g,
+  )
 
 
 _match_maxima_flat.defvjp(_match_maxima_fwd, _match_maxima_bwd, symbolic_zeros=True)
@@ -198,8 +212,9 @@ def _flatten(probe, gallery):
   return probe.reshape(n, h * w, d), gallery.reshape(gallery.shape[0], h * w, d)
 
 
-def match_maxima(probe: jax.Array, gallery: jax.Array, *,
-                 block: tuple[int, int] | None = DEFAULT_BLOCK) -> jax.Array:
+def match_maxima(
+  probe: jax.Array, gallery: jax.Array, *, block: tuple[int, int] | None = DEFAULT_BLOCK
+) -> jax.Array:
   """Best local matches of every probe x gallery pair.
 
   Args:
@@ -219,8 +234,9 @@ def match_maxima(probe: jax.Array, gallery: jax.Array, *,
   return _match_maxima_flat(pf, gf, None if block is None else tuple(block))
 
 
-def match_maxima_with_indices(probe: jax.Array, gallery: jax.Array, *,
-                              block: tuple[int, int] | None = DEFAULT_BLOCK):
+def match_maxima_with_indices(
+  probe: jax.Array, gallery: jax.Array, *, block: tuple[int, int] | None = DEFAULT_BLOCK
+):
   """``match_maxima`` plus the argmax locations: the local correspondences (paper Fig. 1b).
 
   Returns ``(maxima [p, g, 2hw] float32, indices [p, g, 2hw] int32)``: for ``r < hw``,
@@ -239,6 +255,7 @@ class QAConv(nn.Module):
   head "v2" (v2.1): scalar BN -> one Dense(hw -> 1) applied to both halves, summed -> BN.
   Initialisation follows PyTorch's ``nn.Linear`` (v2: weight filled with 1/hw).
   """
+
   head: str = "v1"
   block: tuple[int, int] | None = DEFAULT_BLOCK
 
@@ -252,12 +269,14 @@ class QAConv(nn.Module):
     if self.head == "v1":
       fan_in = 2 * hw
       # nn.Linear's default: weight and bias both ~ U(+-1/sqrt(fan_in)).
-      fc = nn.Dense(1, kernel_init=uniform(fan_in**-0.5), bias_init=uniform(fan_in**-0.5),
-                    name="fc")
+      fc = nn.Dense(
+        1, kernel_init=uniform(fan_in**-0.5), bias_init=uniform(fan_in**-0.5), name="fc"
+      )
       logits = fc(x)[..., 0]  # [p, g]
     else:
-      fc = nn.Dense(1, kernel_init=nn.initializers.constant(1.0 / hw),
-                    bias_init=uniform(hw**-0.5), name="fc")
+      fc = nn.Dense(
+        1, kernel_init=nn.initializers.constant(1.0 / hw), bias_init=uniform(hw**-0.5), name="fc"
+      )
       # Shared weights make the eval-mode score symmetric in (probe, gallery).
       logits = fc(x[..., :hw])[..., 0] + fc(x[..., hw:])[..., 0]  # [p, g]
     return BatchNorm(scalar=True, name="logit_bn")(logits, train)
@@ -273,5 +292,11 @@ def qaconv_distance(logits: jax.Array) -> jax.Array:
   return 1.0 - qaconv_score(logits)
 
 
-__all__ = ["match_maxima", "match_maxima_with_indices", "QAConv", "qaconv_score",
-           "qaconv_distance", "DEFAULT_BLOCK"]
+__all__ = [
+  "match_maxima",
+  "match_maxima_with_indices",
+  "QAConv",
+  "qaconv_score",
+  "qaconv_distance",
+  "DEFAULT_BLOCK",
+]

@@ -15,7 +15,8 @@ IBN-Net variants (Pan et al. 2018, the layout of IBN-Net's own ``resnet*_ibn_{a,
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax.numpy as jnp
 from flax import linen as nn
@@ -24,16 +25,15 @@ from qaconv_jax.errors import ConfigError
 from qaconv_jax.models.init import resnet_conv_init
 from qaconv_jax.models.norm import IBN, BatchNorm, InstanceNorm
 
-
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 
 # depth -> (block kind, blocks per stage)
 ARCHS = {
-    18: ("basic", (2, 2, 2, 2)),
-    34: ("basic", (3, 4, 6, 3)),
-    50: ("bottleneck", (3, 4, 6, 3)),
-    101: ("bottleneck", (3, 4, 23, 3)),
-    152: ("bottleneck", (3, 8, 36, 3)),
+  18: ("basic", (2, 2, 2, 2)),
+  34: ("basic", (3, 4, 6, 3)),
+  50: ("bottleneck", (3, 4, 6, 3)),
+  101: ("bottleneck", (3, 4, 23, 3)),
+  152: ("bottleneck", (3, 8, 36, 3)),
 }
 IBN_TYPES = ("", "a", "b")
 
@@ -63,13 +63,22 @@ def _output(y, shortcut, ibn: str, dtype: Any):
 
 def _conv(features: int, kernel: int, stride: int, name: str, dtype: Any) -> nn.Conv:
   pad = kernel // 2  # explicit symmetric padding, as PyTorch (not "SAME")
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                 padding=((pad, pad), (pad, pad)), use_bias=False, kernel_init=resnet_conv_init,
-                 dtype=dtype, param_dtype=jnp.float32, name=name)
+  return nn.Conv(
+    features,
+    (kernel, kernel),
+    strides=(stride, stride),
+    padding=((pad, pad), (pad, pad)),
+    use_bias=False,
+    kernel_init=resnet_conv_init,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    name=name,
+  )
 
 
 class BasicBlock(nn.Module):
   """Two 3x3 convs (ResNet-18/34). Output channels = ``planes``."""
+
   planes: int
   stride: int = 1
   downsample: bool = False
@@ -91,6 +100,7 @@ class BasicBlock(nn.Module):
 
 class Bottleneck(nn.Module):
   """1x1 -> 3x3 (strided, v1.5) -> 1x1. Output channels = 4 * ``planes``."""
+
   planes: int
   stride: int = 1
   downsample: bool = False
@@ -125,6 +135,7 @@ class ResNet(nn.Module):
   ``__call__(x [N, H, W, 3], train)`` returns the ``final_stage`` map, or with
   ``return_stages=True`` a dict ``{"stem", "layer1", ...}`` of every stage built.
   """
+
   depth: int = 50
   final_stage: str = "layer3"
   width: int = 64
@@ -137,8 +148,9 @@ class ResNet(nn.Module):
     if self.final_stage not in STAGES:
       raise ConfigError(f"final_stage must be one of {STAGES}, got {self.final_stage!r}.")
     if self.ibn not in IBN_TYPES:
-      raise ConfigError(f"ibn must be one of {IBN_TYPES} (none, IBN-Net-a, IBN-Net-b), "
-                       f"got {self.ibn!r}.")
+      raise ConfigError(
+        f"ibn must be one of {IBN_TYPES} (none, IBN-Net-a, IBN-Net-b), got {self.ibn!r}."
+      )
 
   @nn.compact
   def __call__(self, x, train: bool, return_stages: bool = False):
@@ -164,8 +176,14 @@ class ResNet(nn.Module):
         stride = 2 if (b == 0 and s > 0) else 1
         out_channels = planes * block_cls.expansion
         needs_ds = b == 0 and (stride != 1 or in_channels != out_channels)
-        x = block_cls(planes, stride, needs_ds, _block_ibn(self.ibn, s, b, count), self.dtype,
-                      name=f"{stage}_{b}")(x, train)
+        x = block_cls(
+          planes,
+          stride,
+          needs_ds,
+          _block_ibn(self.ibn, s, b, count),
+          self.dtype,
+          name=f"{stage}_{b}",
+        )(x, train)
         in_channels = out_channels
       outputs[stage] = x
       if stage == self.final_stage:
@@ -177,15 +195,15 @@ def output_channels(depth: int, width: int = 64, final_stage: str = "layer3") ->
   """Channels of the ``final_stage`` map, e.g. 1024 for ResNet-50's layer3."""
   kind, _ = ARCHS[depth]
   expansion = 1 if kind == "basic" else 4
-  return width * 2**STAGES.index(final_stage) * expansion
+  return width * 2 ** STAGES.index(final_stage) * expansion
 
 
 _TORCH_LEAF = {
-    ("params", "kernel"): "weight",
-    ("params", "scale"): "weight",
-    ("params", "bias"): "bias",
-    ("batch_stats", "mean"): "running_mean",
-    ("batch_stats", "var"): "running_var",
+  ("params", "kernel"): "weight",
+  ("params", "scale"): "weight",
+  ("params", "bias"): "bias",
+  ("batch_stats", "mean"): "running_mean",
+  ("batch_stats", "var"): "running_var",
 }
 
 
