@@ -1,13 +1,16 @@
 """Orbax checkpoints of the train state, with the model config beside them.
 
 Layout: ``<workdir>/checkpoints/<step>/{state, meta}``; ``meta`` is JSON holding the model
-config and the number of classes, so a checkpoint can be restored without building a
-template and a checkpoint from another model is refused by name. A manager made with
-``best_metric`` keeps only its best checkpoint by that metric (Orbax's own retention).
+config and the number of classes (a training run adds its data order, optimiser structure
+and process count; ``best/`` its validation mAP), so a checkpoint can be restored without
+building a template and a checkpoint from another model or run is refused by name. A
+manager made with ``best_metric`` keeps only its best checkpoints by that metric (Orbax's own
+retention).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -45,11 +48,12 @@ def manager(
 
 def save(
   mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict, metrics: dict | None = None
-) -> None:
+) -> bool:
   """Saves ``state`` (a pytree, e.g. the TrainState) and JSON ``meta`` at ``step``; Orbax
   writes to a temporary folder and renames it, so a crash never leaves a half checkpoint.
-  ``metrics`` rank the checkpoint in a ``best_metric`` manager."""
-  mngr.save(
+  ``metrics`` rank the checkpoint in a ``best_metric`` manager. Returns False when Orbax
+  declines (a step not after the manager's latest)."""
+  return mngr.save(
     step,
     args=ocp.args.Composite(
       state=ocp.args.StandardSave(serialization.to_state_dict(state)), meta=ocp.args.JsonSave(meta)
@@ -129,6 +133,23 @@ def _restore(mngr, workdir, step, target, model_cfg, same):
   return step, serialization.from_state_dict(target, restored["state"]), meta
 
 
+def check_compatible(workdir: str, model_cfg: dict, same: dict) -> None:
+  """Raises `CheckpointMismatch` if ``workdir``'s latest checkpoint (if any) was written for
+  another model or run (see `restore_with_meta`); reads its meta only."""
+  if not os.path.isdir(checkpoint_dir(workdir)):
+    return
+  mngr = manager(workdir, max_to_keep=None)
+  try:
+    step = mngr.latest_step()
+    if step is None:
+      return
+    meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  finally:
+    mngr.close()
+  check_model_config(meta, model_cfg)
+  _check_same_run(meta, same, workdir)
+
+
 def check_model_config(meta: dict, model_cfg: dict) -> None:
   """Raises ``CheckpointMismatch`` naming every model setting that differs.
 
@@ -170,7 +191,8 @@ def _check_same_run(meta: dict, same: dict, workdir: str) -> None:
 
 
 def _plain(v):
-  return list(v) if isinstance(v, tuple) else v
+  """``v`` as its JSON round trip gives it back (tuples, nested too, become lists)."""
+  return json.loads(json.dumps(v))
 
 
 def init_from(state: Any, source_dir: str, model_cfg: dict, with_memory: bool = False):

@@ -14,9 +14,27 @@ def _is_count(v, minimum: int) -> bool:
   return isinstance(v, int) and not isinstance(v, bool) and v >= minimum
 
 
+def testset_names(cfg: ml_collections.ConfigDict) -> list[str]:
+  """``config.eval.testsets`` ("a, b") as a list of names."""
+  return [t.strip() for t in cfg.testsets.split(",") if t.strip()]
+
+
+def _source_problem(key: str, src) -> list[str]:
+  if src.get("root") or src.get("tfds_dir") or src.get("synthetic_domain"):
+    return []
+  return [f"{key}: no data; set {key}.root (the dataset's folder) or {key}.tfds_dir"]
+
+
 def eval_problems(cfg: ml_collections.ConfigDict) -> list[str]:
   """Problems of ``config.eval`` (empty when it is usable)."""
   out = []
+  for name in testset_names(cfg):
+    if name not in cfg.sources:
+      out.append(
+        f"eval.testsets: unknown test set {name!r}; eval.sources has {sorted(cfg.sources)}"
+      )
+    else:
+      out += _source_problem(f"eval.sources.{name}", cfg.sources[name])
   for key, value, ok, expected in (
     ("batch_size", cfg.batch_size, _is_count(cfg.batch_size, 1), "an integer >= 1"),
     ("memory_budget_gb", cfg.memory_budget_gb, cfg.memory_budget_gb > 0, "> 0"),
@@ -37,7 +55,7 @@ def eval_problems(cfg: ml_collections.ConfigDict) -> list[str]:
 
 def train_problems(config: ml_collections.ConfigDict) -> list[str]:
   """Problems of the training settings (empty when they are usable)."""
-  out = []
+  out = _source_problem("data", config.data)
   for key, value, minimum in (
     ("num_epochs", config.num_epochs, 1),
     ("max_steps", config.max_steps, 0),

@@ -4,7 +4,7 @@
 
 Runs ``train_and_evaluate`` twice with the same recipe: QAConv (head v1) and the paper's
 global-average-pooled cosine baseline (head "gap"), then prints rank-1 / mAP of both, plain,
-with k-reciprocal re-ranking and with TLift.
+with TLift, with k-reciprocal re-ranking and with both.
 """
 
 from __future__ import annotations

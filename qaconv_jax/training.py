@@ -31,6 +31,7 @@ def data_order(data_cfg, seed: int, num_images: int) -> dict:
   """The settings that decide which images the n-th global batch holds. A resumed run must
   read the same order (the host count is not among them: it only splits each batch)."""
   order = {
+    "image_size": list(data_cfg.image_size),  # also the class memory's map shape
     "batch_size": data_cfg.batch_size,
     "sampler": data_cfg.sampler,
     "seed": seed,
@@ -84,22 +85,33 @@ def train_and_evaluate(config, workdir: str) -> dict:
     "model": config.model.to_dict(),
     "num_classes": num_classes,
     "data_order": data_order(data_cfg, config.seed, len(source)),
+    # What fixes the optimiser state's structure (a resumed run restores into it).
+    "optim": {"schedule": config.optim.schedule, "lr_multipliers": config.optim.lr_multipliers},
   }
+  same_run = {k: meta[k] for k in ("num_classes", "data_order", "optim")}
+  best_dir = os.path.join(workdir, "best")
+  if config.checkpoint.keep_best:
+    # A best/ left by another run would compete with this one's validations: refuse it.
+    checkpoint.check_compatible(best_dir, meta["model"], same_run)
 
   # ---------------------------------------------------------------- resume or initialise
   mngr = checkpoint.manager(workdir, config.checkpoint.keep)
   start = 0
   if mngr.latest_step() is not None:
     mngr.close()  # restore through a fresh manager, then reopen for saving
-    start, state, _ = checkpoint.restore_with_meta(
+    start, state, saved = checkpoint.restore_with_meta(
       workdir,
       target=state,
       model_cfg=meta["model"],
-      same={k: meta[k] for k in ("num_classes", "data_order")},
+      same=same_run,
     )
     mngr = checkpoint.manager(workdir, config.checkpoint.keep)
     state = jax.device_put(state, state_sh)
-    print(f"resumed from {checkpoint.checkpoint_dir(workdir)} at step {start}", flush=True)
+    print(
+      f"resumed from {checkpoint.checkpoint_dir(workdir)} at step {start} (written by "
+      f"{saved.get('num_processes', '?')} process(es))",
+      flush=True,
+    )
   elif config.init_from:
     state, lines = checkpoint.init_from(
       state, config.init_from, meta["model"], with_memory=config.init_memory
@@ -135,17 +147,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
   batch_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
   step_fn = make_train_step(config.loss, state_sh, batch_sh)
   rng = jax.random.key(config.seed + 1)
-  book = Logbook(workdir, total_steps, per_epoch, data_cfg.batch_size)
   last_good = start
 
   # ---------------------------------------------------------------- evaluation
   # Evaluation runs in single-process runs (multi-process: eval.py on one host afterwards).
   validating = bool(config.eval_every) and single_process
-  best = (
-    checkpoint.manager(os.path.join(workdir, "best"), max_to_keep=1, best_metric=BEST_METRIC)
-    if config.checkpoint.keep_best and validating
-    else None
-  )
+  best = None
+  if config.checkpoint.keep_best and validating:
+    best = checkpoint.manager(best_dir, max_to_keep=1, best_metric=BEST_METRIC)
   if config.eval_every and not single_process and main_process:
     print(
       "multi-process run: no validation during training (nor keep_best); evaluate the "
@@ -174,27 +183,26 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if best is not None and step not in best.all_steps():
       previous = checkpoint.best_value(best, BEST_METRIC)
       if previous is None or val_results["mAP"] > previous:
-        checkpoint.save(
-          best,
-          step,
-          state,
-          {**meta, BEST_METRIC: val_results["mAP"]},
-          metrics={BEST_METRIC: val_results["mAP"]},
+        mAP = val_results["mAP"]
+        kept = checkpoint.save(
+          best, step, state, {**meta, BEST_METRIC: mAP}, metrics={BEST_METRIC: mAP}
         )
+        where = checkpoint.checkpoint_dir(best_dir)
         print(
-          f"step {step}: best validation mAP so far ({val_results['mAP']:.2f}), kept in "
-          f"{checkpoint.checkpoint_dir(os.path.join(workdir, 'best'))}",
+          f"step {step}: best validation mAP so far ({mAP:.2f}), kept in {where}"
+          if kept
+          else f"step {step}: best validation mAP so far ({mAP:.2f}) NOT kept: {where} already "
+          f"holds a later step ({best.latest_step()}) from an earlier attempt of this run",
           flush=True,
         )
 
   def save(step: int) -> None:
-    checkpoint.save(
-      mngr, step, state, {**meta, "data_position": step, "num_processes": jax.process_count()}
-    )
+    checkpoint.save(mngr, step, state, {**meta, "num_processes": jax.process_count()})
 
   # ---------------------------------------------------------------- loop
   stop = total_steps if not config.max_steps else min(total_steps, config.max_steps)
   step = start
+  book = Logbook(workdir, total_steps, per_epoch, data_cfg.batch_size)
   try:
     for step in range(start + 1, stop + 1):
       local = next(batches)
@@ -203,7 +211,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
         local = {**local, "image": np.full_like(local["image"], np.nan)}
       state, metrics = step_fn(state, sharding.global_batch(local, mesh), rng)
       is_ckpt = step % config.checkpoint.every == 0 or step == stop
-      if step % config.log_every == 0 or is_ckpt:
+      # Validate the final state too, so it can be selected.
+      is_val = validating and (step % config.eval_every == 0 or step == total_steps)
+      if step % config.log_every == 0 or is_ckpt or is_val:
         values = jax.device_get(metrics)
         try:
           check_finite(values, step)
@@ -213,12 +223,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
             f"{checkpoint.checkpoint_dir(workdir)} is intact."
           ) from None
         book.log(step, {**values, "lr": learning_rate(state.opt_state)})
+      # Validation before the checkpoint: a crash in between resumes before this step and
+      # validates it again, so best/ never misses a step a straight run would consider.
+      if is_val:
+        validate(step)
+        book.restart_clock()
       if is_ckpt:
         save(step)
         last_good = step
-      if validating and step % config.eval_every == 0:
-        validate(step)
-        book.restart_clock()
     if step == total_steps and config.eval.testsets:
       if single_process:  # the test sets: once, on the final state, never for selection
         from qaconv_jax.evaluation.eval_lib import evaluate_variables

@@ -1,5 +1,6 @@
 """Config values are checked before any work, naming the key, the value and the range."""
 
+import contextlib
 import glob
 import importlib
 import os
@@ -25,6 +26,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.parametrize("variant", [None, "tiny"])
 def test_shipped_configs_pass(name, variant):
   config = importlib.import_module(f"configs.{name}").get_config(variant)
+  with (
+    pytest.raises(ConfigError)
+    if config.data.root == "" and not config.data.synthetic_domain
+    else contextlib.nullcontext()
+  ):  # a paper config names no dataset folder: the user does
+    check_config(config, training=True)
+  for src in [config.data, *config.eval.sources.values()]:
+    if not src.synthetic_domain:
+      src.root = "/datasets/somewhere"
   check_config(config, training=True)
 
 
@@ -53,6 +63,14 @@ def test_shipped_configs_pass(name, variant):
     ("eval.k1", 0, r"eval.k1=0: expected an integer >= 1"),
     ("eval.sigma", 0.0, r"eval.sigma=0.0: expected seconds > 0"),
     ("eval.ap_mode", "auc", r"eval.ap_mode='auc': expected 'step' or 'trapezoid'"),
+    ("eval.testsets", "synthetic_b,market", r"eval.testsets: unknown test set 'market'"),
+    (
+      "eval.testsets",
+      "dukemtmc",
+      r"eval.sources.dukemtmc: no data; set "
+      r"eval.sources.dukemtmc.root \(the dataset's folder\) or eval.sources.dukemtmc.tfds_dir",
+    ),
+    ("data.synthetic_domain", "", r"^invalid config: data: no data; set data.root"),
   ],
 )
 def test_bad_values_are_refused_before_training(tmp_path, key, value, message):

@@ -74,15 +74,28 @@ def test_deterministic_and_exact_resume(source, sampler):
   other = next(iterate(train_dataset(source, cfg, seed=8, num_epochs=3)))
   assert not np.array_equal(other["image"], first[0]["image"])
 
-  it = iterate(train_dataset(source, cfg, seed=7, num_epochs=3))
-  _take(it, 3)
-  state = it.get_state()
-  want = _take(it, 2)
-  resumed = iterate(train_dataset(source, cfg, seed=7, num_epochs=3))
-  resumed.set_state(state)
-  for a, b in zip(want, _take(resumed, 2)):
-    assert all(np.array_equal(a[k], b[k]) for k in a)
-  assert np.array_equal(want[0]["image"], first[3]["image"])
+  # Training resumes after n steps by slicing at n; crossing an epoch boundary too.
+  per_epoch = len(train_dataset(source, cfg, seed=7, num_epochs=1))
+  for n in (3, per_epoch - 1):
+    whole = _take(iterate(train_dataset(source, cfg, seed=7, num_epochs=3)), n + 2)
+    resumed = _take(iterate(train_dataset(source, cfg, seed=7, num_epochs=3)[n:]), 2)
+    for a, b in zip(whole[n:], resumed):
+      assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_resume_by_slicing_on_another_host_count(source):
+  # After n global batches on 1 host, 2 hosts slicing at n read the rest of the same batches.
+  cfg = _cfg()
+  whole = _take(iterate(train_dataset(source, cfg, seed=3, num_epochs=2)), 4)
+  for h in range(2):
+    part = _take(
+      iterate(train_dataset(source, cfg, seed=3, num_epochs=2, host=h, num_hosts=2)[2:]), 2
+    )
+    for step in range(2):
+      half = len(whole[2 + step]["label"]) // 2
+      np.testing.assert_array_equal(
+        part[step]["image"], whole[2 + step]["image"][h * half : (h + 1) * half]
+      )
 
 
 def test_hosts_read_disjoint_slices_of_the_same_global_batch(source):

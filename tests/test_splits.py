@@ -98,6 +98,25 @@ def test_non_contiguous_class_ids_are_refused(pids, message):
     check_class_ids(np.array(pids), "market1501 training set")
 
 
+def test_a_validation_split_without_cross_camera_pairs_is_refused():
+  import ml_collections
+
+  from qaconv_jax.data.splits import train_and_validation
+
+  pids = np.repeat(np.arange(10), 4)
+  cams = np.repeat(np.arange(10) % 3, 4)  # every identity seen by one camera only
+  cfg = ml_collections.ConfigDict(dict(val_ids=2.0, val_seed=0))
+  with pytest.raises(
+    ConfigError,
+    match=r"val_ids=2.0 \(val_seed=0\) held out 2 identities "
+    r"with no image pair across two cameras",
+  ):
+    train_and_validation(_Source(pids, cams), cfg)
+  cams[::2] = 3  # now every identity has a second camera
+  train, (query, gallery) = train_and_validation(_Source(pids, cams), cfg)
+  assert len(train) == 32 and len(query) == 4 and len(gallery) == 4
+
+
 def test_labels_outside_the_memory_are_refused():
   check_labels(np.array([0, 3, 9]), 10, step=1)
   with pytest.raises(DataError, match=r"step 4: training labels \[-1, 10\] are outside \[0, 10\)"):

@@ -14,7 +14,10 @@ import pytest
 
 from configs.default import get_config
 from qaconv_jax import checkpoint
+from qaconv_jax.evaluation import testset
 from qaconv_jax.training import train_and_evaluate
+
+_REAL_EVALUATE_TESTSET = testset.evaluate_testset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -205,27 +208,82 @@ def test_resume_on_another_number_of_processes(four_device_run, two_process_run,
       np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-5, err_msg=f"{resumed}: {k}")
 
 
-def test_validation_split_keeps_the_best_checkpoint(tmp_path):
-  # 8 synthetic training identities: 2 held out for validation, 6 trained on (P x K = 4 x 2).
-  workdir = str(tmp_path)
-  out = train_and_evaluate(
-    _cfg(eval_every=2, **{"data.val_ids": 2.0, "data.batch_size": 8, "checkpoint.keep_best": True}),
-    workdir,
+class _Crash(Exception):
+  pass
+
+
+def _scripted_validation(monkeypatch, maps):
+  """The real validation, with its mAP replaced by ``maps`` in call order (``_Crash``: the
+  process dies during that validation)."""
+  real, calls = _REAL_EVALUATE_TESTSET, iter(maps)
+
+  def fake(*args, **kwargs):
+    out = real(*args, **kwargs)
+    value = next(calls)
+    if value is _Crash:
+      raise _Crash()
+    out["results"]["QAConv"]["mAP"] = value
+    return out
+
+  monkeypatch.setattr(testset, "evaluate_testset", fake)  # validate() looks it up per call
+
+
+def _val_cfg(**overrides):
+  # 8 synthetic training identities: 2 held out for validation, 6 trained on (P x K = 4 x 2),
+  # 1 step per epoch, 6 steps; validation at steps 2, 4, 6; checkpoints at 2, 4, 6.
+  return _cfg(
+    eval_every=2,
+    **{"data.val_ids": 2.0, "data.batch_size": 8, "checkpoint.keep_best": True},
+    **overrides,
   )
-  assert out["step"] == 6 and 0 <= out["val"]["mAP"] <= 100
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    val = [json.loads(line) for line in f if '"kind": "val"' in line]
-  assert [r["step"] for r in val] == [2, 4, 6]
-  maps = [r["mAP"] for r in val]
-  best_dir = os.path.join(workdir, "best")
-  best = checkpoint.manager(best_dir, max_to_keep=1, best_metric="val_mAP")
-  try:  # Orbax kept exactly the first step with the highest validation mAP
-    assert best.all_steps() == [val[int(np.argmax(maps))]["step"]]
+
+
+def _best_steps(workdir):
+  best = checkpoint.manager(os.path.join(workdir, "best"), max_to_keep=1, best_metric="val_mAP")
+  try:
+    return best.all_steps()
   finally:
     best.close()
-  _, _, meta = checkpoint.restore_with_meta(best_dir)
-  assert meta["val_mAP"] == pytest.approx(max(maps)) and meta["num_classes"] == 6
+
+
+def test_validation_split_keeps_the_best_checkpoint(tmp_path, monkeypatch):
+  workdir = str(tmp_path)
+  _scripted_validation(monkeypatch, [10.0, 30.0, 20.0])  # step 2 kept, then replaced by 4
+  out = train_and_evaluate(_val_cfg(), workdir)
+  assert out["step"] == 6 and out["val"]["mAP"] == 20.0
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    val = [json.loads(line) for line in f if '"kind": "val"' in line]
+  assert [(r["step"], r["mAP"]) for r in val] == [(2, 10.0), (4, 30.0), (6, 20.0)]
+  assert _best_steps(workdir) == [4]  # Orbax kept the best only
+  _, _, meta = checkpoint.restore_with_meta(os.path.join(workdir, "best"))
+  assert meta["val_mAP"] == 30.0 and meta["num_classes"] == 6
   assert checkpoint.restore_latest(workdir)[0] == 6  # the final checkpoint stays the default
+
+
+def test_a_crash_during_validation_loses_no_candidate(tmp_path, monkeypatch):
+  # The run dies while validating step 4 (the best step). Validation precedes the step's
+  # checkpoint, so the resumed run restarts from step 2 and validates step 4 again.
+  workdir = str(tmp_path)
+  _scripted_validation(monkeypatch, [10.0, _Crash])
+  with pytest.raises(_Crash):
+    train_and_evaluate(_val_cfg(), workdir)
+  assert checkpoint.restore_latest(workdir)[0] == 2 and _best_steps(workdir) == [2]
+  _scripted_validation(monkeypatch, [30.0, 20.0])
+  train_and_evaluate(_val_cfg(), workdir)
+  assert _best_steps(workdir) == [4]
+
+
+def test_best_of_another_run_is_refused(tmp_path, monkeypatch):
+  workdir = str(tmp_path)
+  _scripted_validation(monkeypatch, [10.0, 30.0, 20.0])
+  train_and_evaluate(_val_cfg(max_steps=2), workdir)
+  shutil.rmtree(checkpoint.checkpoint_dir(workdir))  # a fresh start beside the old best/
+  with pytest.raises(
+    checkpoint.CheckpointMismatch,
+    match=r"best/checkpoints belongs to a run "
+    r"with other settings.*data_order.val_seed: checkpoint 0 vs this run 1",
+  ):
+    train_and_evaluate(_val_cfg(**{"data.val_seed": 1}), workdir)
 
 
 def test_init_from_another_workdir(straight_run, tmp_path):

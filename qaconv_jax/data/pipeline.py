@@ -6,7 +6,8 @@ A training stream is ``order -> host slice -> load + augment -> batch``:
   one global batch;
 - each host reads only its slice of every global batch (``host``, ``num_hosts``);
 - augmentation randomness is drawn from ``(seed, global position)``, so a batch is the same
-  whatever the number of hosts, and grain's iterator state (a position) resumes exactly.
+  whatever the number of hosts. Batch n of the dataset is global batch n on every host
+  count, so ``train_dataset(...)[n:]`` resumes exactly after n steps, on any host count.
 """
 
 from __future__ import annotations
@@ -198,7 +199,8 @@ def steps_per_epoch(source, cfg) -> int:
 
 
 def iterate(ds: grain.MapDataset, num_threads: int = 0) -> grain.DatasetIterator:
-  """Checkpointable iterator (``get_state``/``set_state``); threads decode in parallel."""
+  """An iterator over ``ds`` whose threads decode in parallel (grain's ``get_state`` /
+  ``set_state`` work on it; training resumes by slicing the dataset instead)."""
   opts = grain.ReadOptions(
     num_threads=num_threads or min(8, os.cpu_count() or 1),
     prefetch_buffer_size=2 * (num_threads or 2),

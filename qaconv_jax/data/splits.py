@@ -100,6 +100,17 @@ def train_and_validation(source, data_cfg):
   train, query, gallery = holdout_identities(
     source.pids, source.cameras, data_cfg.val_ids, data_cfg.val_seed
   )
+  # A query counts when its identity has a gallery image from another camera (the protocol
+  # drops same-camera ones): without any, validation could only fail later, mid-training.
+  pids, cams = np.asarray(source.pids), np.asarray(source.cameras)
+  valid = [np.any((pids[gallery] == pids[q]) & (cams[gallery] != cams[q])) for q in query.tolist()]
+  if not any(valid):
+    raise ConfigError(
+      f"data.val_ids={data_cfg.val_ids!r} (val_seed={data_cfg.val_seed}) held out "
+      f"{len(np.unique(pids[query]))} identities with no image pair across two cameras, so "
+      "the validation split has no usable query; hold out more identities or pick another "
+      "val_seed."
+    )
   return Subset(source, train, relabel=True), (
     Subset(source, query, relabel=False),
     Subset(source, gallery, relabel=False),

@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 
 from qaconv_jax import checkpoint
-from qaconv_jax.config_checks import check_config
+from qaconv_jax.config_checks import check_config, eval_problems, testset_names
 from qaconv_jax.data.pipeline import eval_image, materialize_synthetic, open_source
 from qaconv_jax.errors import ConfigError
 from qaconv_jax.evaluation.testset import evaluate_testset
@@ -86,11 +86,10 @@ def evaluate_variables(
   out_dir = os.path.join(workdir, "eval")
   os.makedirs(out_dir, exist_ok=True)
   summary, rows = {"step": int(step), "testsets": {}}, []
-  for name in [t.strip() for t in config.eval.testsets.split(",") if t.strip()]:
-    if name not in config.eval.sources:
-      raise ConfigError(
-        f"unknown test set {name!r}; config.eval.sources has {sorted(config.eval.sources)}."
-      )
+  problems = eval_problems(config.eval)  # evaluate_variables is also called directly
+  if problems:
+    raise ConfigError("invalid config: " + "; ".join(problems) + ".")
+  for name in testset_names(config.eval):
     src_cfg = materialize_synthetic(config.eval.sources[name], os.path.join(workdir, "data"))
     query, gallery = open_source(src_cfg, "query"), open_source(src_cfg, "gallery")
     result = evaluate_testset(embed, match, query, gallery, config.eval, image_size)
