@@ -112,7 +112,7 @@ def _restore(mngr, workdir, step, target, model_cfg, same):
     raise CheckpointNotFound(
       f"no checkpoint for step {step} under {checkpoint_dir(workdir)}; available: {sorted(steps)}."
     )
-  meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  meta = _read_meta(mngr, step)
   if model_cfg is not None:
     check_model_config(meta, model_cfg)
   _check_same_run(meta, same, workdir)
@@ -133,6 +133,10 @@ def _restore(mngr, workdir, step, target, model_cfg, same):
   return step, serialization.from_state_dict(target, restored["state"]), meta
 
 
+def _read_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
+  return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+
 def check_compatible(workdir: str, model_cfg: dict, same: dict) -> None:
   """Raises `CheckpointMismatch` if ``workdir``'s latest checkpoint (if any) was written for
   another model or run (see `restore_with_meta`); reads its meta only."""
@@ -143,7 +147,7 @@ def check_compatible(workdir: str, model_cfg: dict, same: dict) -> None:
     step = mngr.latest_step()
     if step is None:
       return
-    meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    meta = _read_meta(mngr, step)
   finally:
     mngr.close()
   check_model_config(meta, model_cfg)

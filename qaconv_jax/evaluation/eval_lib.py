@@ -12,9 +12,8 @@ import ml_collections
 import numpy as np
 
 from qaconv_jax import checkpoint
-from qaconv_jax.config_checks import check_config, eval_problems, testset_names
+from qaconv_jax.config_checks import check_config, testset_names
 from qaconv_jax.data.pipeline import eval_image, materialize_synthetic, open_source
-from qaconv_jax.errors import ConfigError
 from qaconv_jax.evaluation.testset import evaluate_testset
 from qaconv_jax.models.model import QAConvModel, build_model
 from qaconv_jax.models.qaconv import match_maxima_with_indices
@@ -86,9 +85,7 @@ def evaluate_variables(
   out_dir = os.path.join(workdir, "eval")
   os.makedirs(out_dir, exist_ok=True)
   summary, rows = {"step": int(step), "testsets": {}}, []
-  problems = eval_problems(config.eval)  # evaluate_variables is also called directly
-  if problems:
-    raise ConfigError("invalid config: " + "; ".join(problems) + ".")
+  check_config(config, training=False)  # evaluate_variables is also called directly
   for name in testset_names(config.eval):
     src_cfg = materialize_synthetic(config.eval.sources[name], os.path.join(workdir, "data"))
     query, gallery = open_source(src_cfg, "query"), open_source(src_cfg, "gallery")
