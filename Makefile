@@ -35,6 +35,7 @@ bench: install
 	$(PY) bench/bench_input.py
 	$(PY) bench/bench_eval.py
 	$(PY) bench/bench_train.py
+	$(PY) bench/bench_accel.py
 
 # The newest releases pyproject.toml allows, installed into a scratch venv and frozen: run it,
 # then `make test`, and commit constraints.txt when the suite passes.

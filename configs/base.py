@@ -23,8 +23,14 @@ def paper_config(
       neck_version="v1",  # "v1": conv + BN; "v2.1": conv with bias, no BN
       head="v1",  # "v1" Dense(2hw -> 1); "v2" shared Dense(hw -> 1); "gap" baseline
       input_norm="none",  # official: RGB in [0, 1], no mean/std
-      dtype="float32",  # compute dtype; parameters stay float32
-      match_block=(8, 16),  # (probe, gallery) tile of match_maxima; None = one einsum
+      # Runtime knobs (a checkpoint does not depend on them; qaconv_jax.models.model.RUNTIME_KEYS):
+      # numerics of training, qaconv_jax/numerics.py: "auto" = bfloat16 on GPU/TPU, float32
+      # on CPU; "float32" (HIGHEST precision), "tf32" or "bfloat16".
+      dtype="auto",
+      # (probe, gallery) tile of match_maxima: "auto" (per backend), (tp, tg), or None = one
+      # einsum. Any of these types, also from the command line: --config.model.match_block=(16,64)
+      match_block=ml_collections.FieldReference("auto", field_type=object),
+      match_impl="xla",  # "xla" or "pallas" (fused kernel; interpreted on CPU)
     )
   )
   c.loss = ml_collections.ConfigDict(dict(gamma=2.0, all_valid=True))  # v1.0: all classes count
@@ -80,6 +86,7 @@ def paper_config(
         )
       ),
       batch_size=64,
+      dtype="float32",  # numerics of evaluation: float32 at HIGHEST precision, the paper's
       memory_budget_gb=2.0,  # working set of one probe x gallery scoring block
       rerank=True,
       k1=20,

@@ -19,6 +19,7 @@ import orbax.checkpoint as ocp
 from flax import serialization, traverse_util
 
 from qaconv_jax.errors import CheckpointMismatch, CheckpointNotFound
+from qaconv_jax.models.model import RUNTIME_KEYS
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -159,10 +160,11 @@ def check_model_config(meta: dict, model_cfg: dict) -> None:
 
   Only the settings the checkpoint records are compared: a training checkpoint records all
   of ``config.model``, a converted PyTorch file only what its weights determine (depth,
-  width, ibn, and for a QAConv checkpoint neck_dim, neck_version, head).
+  width, ibn, and for a QAConv checkpoint neck_dim, neck_version, head). Runtime knobs
+  (`RUNTIME_KEYS`: numerics, matcher tiles and kernel) are never compared.
   """
   saved = meta.get("model", {})
-  keys = sorted(saved)
+  keys = sorted(k for k in saved if k not in RUNTIME_KEYS)
   diff = [
     f"{k}: checkpoint {saved[k]!r} vs config {model_cfg.get(k)!r}"
     for k in keys

@@ -8,6 +8,8 @@ import ml_collections
 from qaconv_jax.data.splits import check_val_ids
 from qaconv_jax.errors import ConfigError
 from qaconv_jax.evaluation.rerank import check_rerank_params
+from qaconv_jax.models.matching import resolve_options
+from qaconv_jax.numerics import NAMES as NUMERICS
 
 
 def _is_count(v, minimum: int) -> bool:
@@ -50,6 +52,23 @@ def eval_problems(cfg: ml_collections.ConfigDict) -> list[str]:
     check_rerank_params(cfg.k1, cfg.k2, cfg.lambda_value)
   except ValueError as e:
     out.append(f"eval.{e}")
+  if cfg.dtype not in NUMERICS:
+    out.append(f"eval.dtype={cfg.dtype!r}: expected one of {list(NUMERICS)}")
+  return out
+
+
+def runtime_problems(cfg: ml_collections.ConfigDict) -> list[str]:
+  """Problems of the runtime knobs of ``config.model`` (numerics, matcher tiles/kernel)."""
+  out = []
+  if cfg.dtype not in NUMERICS:
+    out.append(f"model.dtype={cfg.dtype!r}: expected one of {list(NUMERICS)}")
+  block = cfg.match_block
+  try:
+    resolve_options(
+      block if block is None or isinstance(block, str) else tuple(block), cfg.match_impl
+    )
+  except (ValueError, TypeError) as e:
+    out.append(f"model.match_block={block!r} / match_impl={cfg.match_impl!r}: {e}".rstrip("."))
   return out
 
 
@@ -91,6 +110,10 @@ def train_problems(config: ml_collections.ConfigDict) -> list[str]:
 def check_config(config: ml_collections.ConfigDict, training: bool) -> None:
   """Raises `ConfigError` listing every unusable value (training settings when
   ``training``; the evaluation settings always)."""
-  problems = (train_problems(config) if training else []) + eval_problems(config.eval)
+  problems = (
+    (train_problems(config) if training else [])
+    + runtime_problems(config.model)
+    + eval_problems(config.eval)
+  )
   if problems:
     raise ConfigError("invalid config: " + "; ".join(problems) + ".")

@@ -36,6 +36,13 @@ def focal_memory_loss(
   return jnp.sum(per_class * valid.astype(jnp.float32)[None, :], axis=1)
 
 
-def memory_accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Fraction of samples whose best-matching memory class is their own: ``[b, C] -> []``."""
+def memory_accuracy(
+  logits: jax.Array, labels: jax.Array, real: jax.Array | None = None
+) -> jax.Array:
+  """Fraction of samples whose best-matching memory class is their own: ``[b, C] -> []``.
+
+  ``real [C]`` (bool): only these classes compete (padding rows of a split memory do not).
+  """
+  if real is not None:
+    logits = jnp.where(real[None, :], logits, -jnp.inf)
   return jnp.mean(jnp.argmax(logits, axis=1) == labels)

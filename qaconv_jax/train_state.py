@@ -9,7 +9,7 @@ import ml_collections
 import optax
 from flax.training import train_state
 
-from qaconv_jax.memory import init_class_memory
+from qaconv_jax.memory import init_class_memory, pad_class_memory
 from qaconv_jax.models.model import QAConvModel
 
 
@@ -45,4 +45,19 @@ def create_train_state(
     batch_stats=variables["batch_stats"],
     class_memory=memory,
     memory_valid=valid,
+  )
+
+
+def pad_memory(state: TrainState, multiple: int) -> TrainState:
+  """The memory padded to a multiple of ``multiple`` rows (the device count) so it splits
+  over the devices (`qaconv_jax.memory.pad_class_memory`)."""
+  memory, valid = pad_class_memory(state.class_memory, state.memory_valid, multiple)
+  return state.replace(class_memory=memory, memory_valid=valid)
+
+
+def unpad_memory(state: TrainState, num_classes: int) -> TrainState:
+  """The first ``num_classes`` memory rows only: what checkpoints hold, whatever the
+  device count of the run that wrote them."""
+  return state.replace(
+    class_memory=state.class_memory[:num_classes], memory_valid=state.memory_valid[:num_classes]
   )

@@ -13,12 +13,18 @@ import optax
 
 from qaconv_jax.errors import TrainingDiverged
 from qaconv_jax.losses import focal_memory_loss, memory_accuracy
-from qaconv_jax.memory import update_class_memory
+from qaconv_jax.memory import real_class_mask, update_class_memory
 from qaconv_jax.train_state import TrainState
 
 
 def train_step(
-  state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array, *, gamma: float
+  state: TrainState,
+  batch: Mapping[str, jax.Array],
+  rng: jax.Array,
+  *,
+  gamma: float,
+  num_classes: int | None = None,
+  memory_axis: str | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """Forward, focal memory loss, SGD update, BN statistics and class memory update.
 
@@ -30,6 +36,11 @@ def train_step(
     rng: base key; the step number is folded in, so every step draws fresh randomness
       (handed to the model as its ``dropout`` stream) and a resumed run draws the same.
     gamma: focal exponent.
+    num_classes: the real classes when the memory is padded (`memory.pad_class_memory`):
+      rows past it are kept out of the BN statistics and the accuracy (their
+      ``memory_valid`` is False, so the loss already skips them). None: nothing padded.
+    memory_axis: the mesh axis the memory is split over (the model must match against it
+      on that axis: ``build_model(..., memory_axis=)``), so it is written in place.
 
   Returns:
     ``(new_state, metrics)`` with scalar ``loss``, ``accuracy`` (argmax over the memory ==
@@ -39,6 +50,7 @@ def train_step(
   step_rng = jax.random.fold_in(rng, state.step)
   # The loss sees the memory as it was BEFORE this batch; it is a constant for autodiff.
   memory = jax.lax.stop_gradient(state.class_memory)
+  real = real_class_mask(memory.shape[0], num_classes or memory.shape[0])  # [C'] or None
 
   def loss_fn(params):
     variables = {"params": params, "batch_stats": state.batch_stats}
@@ -46,6 +58,7 @@ def train_step(
       variables,
       images,
       memory=memory,
+      memory_mask=real,
       train=True,
       mutable=["batch_stats"],
       rngs={"dropout": step_rng},
@@ -65,30 +78,53 @@ def train_step(
     batch_stats=batch_stats,
   )
   class_memory, memory_valid = update_class_memory(
-    state.class_memory, state.memory_valid, features, labels
+    state.class_memory, state.memory_valid, features, labels, memory_axis
   )
   new_state = new_state.replace(class_memory=class_memory, memory_valid=memory_valid)
   metrics = {
     "loss": loss,
-    "accuracy": memory_accuracy(logits, labels),
+    "accuracy": memory_accuracy(logits, labels, real),
     "grad_norm": optax.tree.norm(grads),
   }
   return new_state, metrics
 
 
-def make_train_step(loss_cfg, state_sharding=None, batch_sharding=None) -> Callable[..., Any]:
+def make_train_step(
+  loss_cfg,
+  state_sharding=None,
+  batch_sharding=None,
+  *,
+  num_classes: int | None = None,
+  memory_axis: str | None = None,
+) -> Callable[..., Any]:
   """``config.loss`` -> ``jit(train_step)`` that donates the state (argument 0); with
   shardings, the state keeps ``state_sharding`` across steps and the batch is split by
-  ``batch_sharding``."""
-  step = functools.partial(train_step, gamma=loss_cfg.gamma)
+  ``batch_sharding`` (their mesh is set while the step traces, for the split memory).
+  ``num_classes``/``memory_axis``: see `train_step`."""
+  step = functools.partial(
+    train_step, gamma=loss_cfg.gamma, num_classes=num_classes, memory_axis=memory_axis
+  )
   if state_sharding is None:
     return jax.jit(step, donate_argnums=0)
-  return jax.jit(
+  jitted = jax.jit(
     step,
     donate_argnums=0,
     in_shardings=(state_sharding, batch_sharding, None),
     out_shardings=(state_sharding, None),
   )
+  mesh = (batch_sharding or jax.tree.leaves(state_sharding)[0]).mesh
+
+  def run(state, batch, rng):
+    with jax.set_mesh(mesh):
+      return jitted(state, batch, rng)
+
+  run.lower = lambda *a: _lower_on(mesh, jitted, *a)  # for inspecting the compiled step
+  return run
+
+
+def _lower_on(mesh, jitted, *args):
+  with jax.set_mesh(mesh):
+    return jitted.lower(*args)
 
 
 def check_finite(metrics: Mapping[str, Any], step: int) -> None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from qaconv_jax import checkpoint, sharding
 from qaconv_jax.config_checks import check_config
@@ -21,7 +23,7 @@ from qaconv_jax.errors import TrainingDiverged
 from qaconv_jax.logbook import Logbook, parameter_overview
 from qaconv_jax.models.model import build_model
 from qaconv_jax.optim import learning_rate, make_optimizer
-from qaconv_jax.train_state import create_train_state
+from qaconv_jax.train_state import create_train_state, pad_memory, unpad_memory
 from qaconv_jax.train_step import check_finite, make_train_step
 
 BEST_METRIC = "val_mAP"  # what <workdir>/best/ is selected by: plain QAConv on validation
@@ -76,11 +78,29 @@ def train_and_evaluate(config, workdir: str) -> dict:
   model = build_model(config.model)
   tx = make_optimizer(config.optim, per_epoch)
   mesh = sharding.make_mesh()
+  num_devices = mesh.shape["data"]
+  # The class memory is split over the devices (padded to a multiple of their count); the
+  # step's model matches against it where it lies. Checkpoints hold the unpadded state.
+  memory_axis = "data" if num_devices > 1 else None
+  step_model = build_model(config.model, memory_axis=memory_axis)
+  eval_model = build_model(config.model, numerics=config.eval.dtype)  # validation
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   state = create_train_state(
     model, tx, jax.random.key(config.seed), tuple(data_cfg.image_size), num_classes, config.loss
   )
-  state_sh = sharding.state_shardings(state, mesh)
-  state = jax.device_put(state, state_sh)
+  state = jax.device_put(state, replicated)  # the checkpoint layout: restore targets it
+  state_sh = sharding.state_shardings(
+    pad_memory(state, num_devices).replace(apply_fn=step_model.apply), mesh
+  )
+  saved_state = jax.jit(
+    functools.partial(unpad_memory, num_classes=num_classes), out_shardings=replicated
+  )
+
+  def to_mesh(unpadded):
+    return jax.device_put(
+      pad_memory(unpadded, num_devices).replace(apply_fn=step_model.apply), state_sh
+    )
+
   meta = {
     "model": config.model.to_dict(),
     "num_classes": num_classes,
@@ -106,7 +126,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
       same=same_run,
     )
     mngr = checkpoint.manager(workdir, config.checkpoint.keep)
-    state = jax.device_put(state, state_sh)
     print(
       f"resumed from {checkpoint.checkpoint_dir(workdir)} at step {start} (written by "
       f"{saved.get('num_processes', '?')} process(es))",
@@ -116,7 +135,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
     state, lines = checkpoint.init_from(
       state, config.init_from, meta["model"], with_memory=config.init_memory
     )
-    state = jax.device_put(state, state_sh)
     print("\n".join(lines), flush=True)
   elif main_process:
     print(
@@ -124,6 +142,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       "ImageNet weights: see README, 'Pretrained weights').",
       flush=True,
     )
+  state = to_mesh(state)
   # One global batch per step, whatever the number of hosts: the step IS the data position,
   # so a run resumes on any host count by starting the batch sequence there.
   batches = iterate(dataset[start:])
@@ -145,22 +164,19 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   # ---------------------------------------------------------------- the step
   batch_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-  step_fn = make_train_step(config.loss, state_sh, batch_sh)
+  step_fn = make_train_step(
+    config.loss, state_sh, batch_sh, num_classes=num_classes, memory_axis=memory_axis
+  )
   rng = jax.random.key(config.seed + 1)
   last_good = start
 
   # ---------------------------------------------------------------- evaluation
-  # Evaluation runs in single-process runs (multi-process: eval.py on one host afterwards).
-  validating = bool(config.eval_every) and single_process
+  # Every process validates and evaluates (on every device; the results are gathered, so
+  # each computes the same numbers); process 0 alone prints and writes.
+  validating = bool(config.eval_every)
   best = None
   if config.checkpoint.keep_best and validating:
     best = checkpoint.manager(best_dir, max_to_keep=1, best_metric=BEST_METRIC)
-  if config.eval_every and not single_process and main_process:
-    print(
-      "multi-process run: no validation during training (nor keep_best); evaluate the "
-      "checkpoints with eval.py on one host.",
-      flush=True,
-    )
   results, val_results = {}, {}
   jitted = None
 
@@ -169,35 +185,39 @@ def train_and_evaluate(config, workdir: str) -> dict:
     from qaconv_jax.evaluation.eval_lib import jit_model_fns, model_fns
     from qaconv_jax.evaluation.testset import evaluate_testset
 
-    jitted = jitted or jit_model_fns(model)
-    fns = model_fns(model, {"params": state.params, "batch_stats": state.batch_stats}, jitted)
+    jitted = jitted or jit_model_fns(eval_model)
+    fns = model_fns(eval_model, {"params": state.params, "batch_stats": state.batch_stats}, jitted)
     val_cfg = config.eval.copy_and_resolve_references()
     val_cfg.update(rerank=False, tlift=False)  # selection by plain QAConv
-    out = evaluate_testset(*fns, *val, val_cfg, tuple(data_cfg.image_size))
+    out = evaluate_testset(*fns, *val, val_cfg, tuple(data_cfg.image_size), mesh)
     val_results = out["results"]["QAConv"]
     book.log(step, {"rank1": val_results["rank1"], "mAP": val_results["mAP"]}, kind="val")
-    print(
-      f"step {step}: validation rank-1 {val_results['rank1']:.2f}  mAP {val_results['mAP']:.2f}",
-      flush=True,
-    )
+    if main_process:
+      rank1, mAP = val_results["rank1"], val_results["mAP"]
+      print(f"step {step}: validation rank-1 {rank1:.2f}  mAP {mAP:.2f}", flush=True)
     if best is not None and step not in best.all_steps():
       previous = checkpoint.best_value(best, BEST_METRIC)
-      if previous is None or val_results["mAP"] > previous:
+      better = previous is None or val_results["mAP"] > previous
+      if not single_process:  # Orbax saves are collective: every process decides as process 0
+        better = bool(multihost_utils.broadcast_one_to_all(np.bool_(better)))
+      if better:
         mAP = val_results["mAP"]
         kept = checkpoint.save(
-          best, step, state, {**meta, BEST_METRIC: mAP}, metrics={BEST_METRIC: mAP}
+          best, step, saved_state(state), {**meta, BEST_METRIC: mAP}, metrics={BEST_METRIC: mAP}
         )
         where = checkpoint.checkpoint_dir(best_dir)
-        print(
-          f"step {step}: best validation mAP so far ({mAP:.2f}), kept in {where}"
-          if kept
-          else f"step {step}: best validation mAP so far ({mAP:.2f}) NOT kept: {where} already "
-          f"holds a later step ({best.latest_step()}) from an earlier attempt of this run",
-          flush=True,
-        )
+        if main_process:
+          print(
+            f"step {step}: best validation mAP so far ({mAP:.2f}), kept in {where}"
+            if kept
+            else f"step {step}: best validation mAP so far ({mAP:.2f}) NOT kept: {where} "
+            f"already holds a later step ({best.latest_step()}) from an earlier attempt of "
+            "this run",
+            flush=True,
+          )
 
   def save(step: int) -> None:
-    checkpoint.save(mngr, step, state, {**meta, "num_processes": jax.process_count()})
+    checkpoint.save(mngr, step, saved_state(state), {**meta, "num_processes": jax.process_count()})
 
   # ---------------------------------------------------------------- loop
   stop = total_steps if not config.max_steps else min(total_steps, config.max_steps)
@@ -232,20 +252,18 @@ def train_and_evaluate(config, workdir: str) -> dict:
         save(step)
         last_good = step
     if step == total_steps and config.eval.testsets:
-      if single_process:  # the test sets: once, on the final state, never for selection
-        from qaconv_jax.evaluation.eval_lib import evaluate_variables
+      # The test sets: once, on the final state, never for selection (every process).
+      from qaconv_jax.evaluation.eval_lib import evaluate_variables
 
-        results = evaluate_variables(
-          config, workdir, {"params": state.params, "batch_stats": state.batch_stats}, step
+      results = evaluate_variables(
+        config, workdir, {"params": state.params, "batch_stats": state.batch_stats}, step
+      )
+      for testset, methods in results["testsets"].items():
+        book.log(
+          step,
+          {f"{testset}/{m}/{k}": r[k] for m, r in methods.items() for k in ("rank1", "mAP")},
+          kind="test",
         )
-        for testset, methods in results["testsets"].items():
-          book.log(
-            step,
-            {f"{testset}/{m}/{k}": r[k] for m, r in methods.items() for k in ("rank1", "mAP")},
-            kind="test",
-          )
-      elif main_process:
-        print("multi-process run: evaluate with eval.py on one host.", flush=True)
   finally:
     mngr.wait_until_finished()
     mngr.close()

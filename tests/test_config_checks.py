@@ -71,6 +71,11 @@ def test_shipped_configs_pass(name, variant):
       r"eval.sources.dukemtmc.root \(the dataset's folder\) or eval.sources.dukemtmc.tfds_dir",
     ),
     ("data.synthetic_domain", "", r"^invalid config: data: no data; set data.root"),
+    ("model.dtype", "float16", r"model.dtype='float16': expected one of \['float32', 'tf32'"),
+    ("eval.dtype", "fp32", r"eval.dtype='fp32': expected one of"),
+    ("model.match_impl", "triton", r"match_impl='triton'.*must be one of \('xla', 'pallas'\)"),
+    ("model.match_block", (0, 4), r"match_block=\(0, 4\).*two positive tile sizes"),
+    ("model.match_block", "big", r"match_block='big'.*'auto', None or \(tp, tg\)"),
   ],
 )
 def test_bad_values_are_refused_before_training(tmp_path, key, value, message):
@@ -94,3 +99,20 @@ def test_every_problem_is_listed_at_once():
   config.log_every = 1
   with pytest.raises(ConfigError, match=r"^invalid config: eval.k2=99"):
     check_config(config, training=False)  # evaluation checks only the eval settings
+
+
+def test_runtime_knobs_are_not_model_identity():
+  from qaconv_jax.checkpoint import CheckpointMismatch, check_model_config
+  from qaconv_jax.models.matching import ACCELERATOR_BLOCK, DEFAULT_BLOCK, resolve_options
+
+  saved = get_config("tiny").model.to_dict()
+  other = {**saved, "dtype": "bfloat16", "match_block": (2, 2), "match_impl": "pallas"}
+  check_model_config({"model": saved}, other)  # evaluation / resume with other knobs: fine
+  with pytest.raises(CheckpointMismatch) as e:
+    check_model_config({"model": saved}, {**other, "neck_dim": 64, "head": "v2"})
+  assert "head: checkpoint 'v1' vs config 'v2'" in str(e.value) and "neck_dim" in str(e.value)
+  assert "dtype" not in str(e.value) and "match" not in str(e.value)
+  # "auto" tiles per backend
+  assert resolve_options("auto", "xla", backend="cpu").block == DEFAULT_BLOCK
+  assert resolve_options("auto", "xla", backend="gpu").block == ACCELERATOR_BLOCK
+  assert resolve_options(None, "xla").block is None

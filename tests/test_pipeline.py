@@ -13,7 +13,7 @@ from qaconv_jax.data.datasets import load_dataset
 from qaconv_jax.data.pipeline import (
   EpochOrder,
   FolderSource,
-  eval_batches,
+  eval_image,
   iterate,
   steps_per_epoch,
   train_dataset,
@@ -150,16 +150,6 @@ def test_v1_0_flips_about_half_the_time():
   assert 70 < flipped < 130
 
 
-def test_eval_batches_fixed_shape_and_mask(tree):
-  src = FolderSource(load_dataset("market1501", tree).query)
-  batches = list(eval_batches(src, SIZE, 16))
-  assert all(b["image"].shape == (16, *SIZE, 3) for b in batches)
-  idx = np.concatenate([b["index"][b["mask"]] for b in batches])
-  np.testing.assert_array_equal(idx, np.arange(len(src)))
-  assert (~batches[-1]["mask"]).sum() == 16 * len(batches) - len(src)
-  assert (batches[-1]["image"][~batches[-1]["mask"]] == 0).all()
-
-
 def test_corrupt_image_names_the_file(tmp_path, tree):
   ds = load_dataset("market1501", tree)
   bad = str(tmp_path / "0001_c1s1_000001_01.jpg")
@@ -167,7 +157,7 @@ def test_corrupt_image_names_the_file(tmp_path, tree):
     f.write(b"not a jpeg")
   src = FolderSource([ds.query[0].__class__(bad, 1, 0, 0.0)])
   with pytest.raises(ImageDecodeError, match="0001_c1s1_000001_01.jpg"):
-    next(eval_batches(src, SIZE, 4))
+    eval_image(src, 0, SIZE)
 
 
 def test_tfds_prepare_and_read_back_without_tensorflow(tmp_path, tree):
@@ -188,8 +178,7 @@ def test_tfds_prepare_and_read_back_without_tensorflow(tmp_path, tree):
   ex = src[0]
   with open(os.path.join(tree, ex["where"]), "rb") as f:
     assert ex["image"] == f.read()  # the encoded file, untouched
-  batch = next(eval_batches(src, SIZE, 4))
-  assert batch["image"].shape == (4, *SIZE, 3)
+  assert eval_image(src, 0, SIZE).shape == (*SIZE, 3)
   assert "tensorflow" not in sys.modules
 
 

@@ -93,6 +93,17 @@ def test_resume_with_another_model_names_the_mismatch(straight_run, tmp_path):
     train_and_evaluate(_cfg(max_steps=4, **{"model.neck_dim": 16}), workdir)
 
 
+def test_resume_accepts_other_runtime_knobs_and_names_only_weight_settings(tmp_path):
+  workdir = str(tmp_path)
+  train_and_evaluate(_cfg(max_steps=2), workdir)
+  knobs = {"model.match_block": (2, 4), "model.dtype": "bfloat16"}  # speed/rounding only
+  assert train_and_evaluate(_cfg(max_steps=3, **knobs), workdir)["step"] == 3
+  with pytest.raises(checkpoint.CheckpointMismatch) as e:
+    train_and_evaluate(_cfg(max_steps=4, **knobs, **{"model.width": 8}), workdir)
+  assert "width: checkpoint 16 vs config 8" in str(e.value)
+  assert "dtype" not in str(e.value) and "match_block" not in str(e.value)
+
+
 def _train_py(workdir, devices, extra=(), max_steps=2):
   env = {
     **os.environ,

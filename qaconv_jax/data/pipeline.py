@@ -12,7 +12,6 @@ A training stream is ``order -> host slice -> load + augment -> batch``:
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Sequence
@@ -212,29 +211,3 @@ def eval_image(source, i: int, image_size: tuple[int, int]) -> np.ndarray:
   """Image ``i`` of ``source`` as evaluation sees it: decoded, resized, uint8 ``[H, W, 3]``."""
   ex = source[int(i)]
   return augment(decode(ex["image"], ex["where"]), image_size, "none", None)
-
-
-def eval_batches(
-  source, image_size: tuple[int, int], batch_size: int, host: int = 0, num_hosts: int = 1
-):
-  """Fixed-shape evaluation batches of this host's contiguous share of ``source``.
-
-  Yields ``{"image": [B, H, W, 3] float32, "index": [B] int32, "mask": [B] bool}``; the last
-  batch is padded with zero images whose mask is False, so one compilation serves all.
-  """
-  n = len(source)
-  share = math.ceil(n / num_hosts)
-  indices = np.arange(host * share, min(n, (host + 1) * share))
-
-  def load(i):
-    img = eval_image(source, i, image_size)
-    return {"image": img.astype(np.float32) / 255.0, "index": np.int32(i), "mask": np.bool_(True)}
-
-  ds = grain.MapDataset.source(indices).map(load).batch(batch_size, batch_fn=_stack)
-  for batch in iterate(ds):
-    pad = batch_size - len(batch["index"])
-    if pad:
-      batch = {
-        k: np.concatenate([v, np.zeros((pad, *v.shape[1:]), v.dtype)]) for k, v in batch.items()
-      }
-    yield batch

@@ -1,5 +1,8 @@
 """eval.py's library: evaluate variables or a checkpoint on every configured test set, print
-the table and write ``<workdir>/eval/`` (one test set at a time: `testset.evaluate_testset`)."""
+the table and write ``<workdir>/eval/`` (one test set at a time: `testset.evaluate_testset`).
+
+In a multi-process run every process calls it (extraction and scoring use every device of
+every process) and gets the same summary; only process 0 prints and writes files."""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from qaconv_jax import checkpoint
+from qaconv_jax import checkpoint, sharding
 from qaconv_jax.config_checks import check_config, testset_names
 from qaconv_jax.data.pipeline import eval_image, materialize_synthetic, open_source
 from qaconv_jax.evaluation.testset import evaluate_testset
@@ -79,21 +82,30 @@ def evaluate_variables(
   quiet: bool = False,
 ) -> dict:
   """Evaluates ``variables`` (params + batch_stats) on every set of ``config.eval.testsets``,
-  prints a table and writes ``<workdir>/eval/``; returns the summary."""
-  embed, match = model_fns(build_model(config.model), variables)
+  prints a table and writes ``<workdir>/eval/`` (process 0); returns the summary."""
+  main = jax.process_index() == 0
+  mesh = sharding.make_mesh()
+  variables = sharding.replicate(variables, mesh)  # once, not per test set
+  # Evaluation runs under its own numerics (eval.dtype: float32 at HIGHEST by default).
+  embed, match = model_fns(build_model(config.model, numerics=config.eval.dtype), variables)
   image_size = tuple(config.data.image_size)
   out_dir = os.path.join(workdir, "eval")
-  os.makedirs(out_dir, exist_ok=True)
+  if main:
+    os.makedirs(out_dir, exist_ok=True)
   summary, rows = {"step": int(step), "testsets": {}}, []
   check_config(config, training=False)  # evaluate_variables is also called directly
   for name in testset_names(config.eval):
-    src_cfg = materialize_synthetic(config.eval.sources[name], os.path.join(workdir, "data"))
+    src_cfg = materialize_synthetic(
+      config.eval.sources[name], os.path.join(workdir, "data"), write=main
+    )
     query, gallery = open_source(src_cfg, "query"), open_source(src_cfg, "gallery")
-    result = evaluate_testset(embed, match, query, gallery, config.eval, image_size)
-    for note in result["notes"]:
-      print(f"{name}: {note}", flush=True)
+    result = evaluate_testset(embed, match, query, gallery, config.eval, image_size, mesh)
     summary["testsets"][name] = result["results"]
     rows += [(name, m, r) for m, r in result["results"].items()]
+    if not main:
+      continue
+    for note in result["notes"]:
+      print(f"{name}: {note}", flush=True)
     lists = [
       {
         "query": query.names[q],
@@ -109,10 +121,11 @@ def evaluate_variables(
       _pictures(
         os.path.join(out_dir, "pictures"), name, query, gallery, result, image_size, visualize
       )
-  with open(os.path.join(out_dir, "results.json"), "w") as f:
-    json.dump(summary, f, indent=2)
-  if not quiet:
-    print(f"step {step}\n" + format_table(rows), flush=True)
+  if main:
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+      json.dump(summary, f, indent=2)
+    if not quiet:
+      print(f"step {step}\n" + format_table(rows), flush=True)
   return summary
 
 

@@ -3,11 +3,13 @@ rows +TLift, +RR and +RR+TLift (docs/method.md §5-§7)."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
 import numpy as np
 
+from qaconv_jax import sharding
 from qaconv_jax.evaluation.metrics import evaluate_ranking, sort_keys
 from qaconv_jax.evaluation.rerank import k_reciprocal_rerank
 from qaconv_jax.evaluation.scoring import extract_maps, pairwise_distance
@@ -39,9 +41,18 @@ def top_k_lists(dist: np.ndarray, k: int, chunk: int = 512) -> np.ndarray:
 
 
 def evaluate_testset(
-  embed_fn: Callable, match_fn: Callable, query, gallery, cfg, image_size: tuple[int, int]
+  embed_fn: Callable,
+  match_fn: Callable,
+  query,
+  gallery,
+  cfg,
+  image_size: tuple[int, int],
+  mesh=None,
 ) -> dict:
-  """Evaluates one test set.
+  """Evaluates one test set on every device of ``mesh`` (None: `sharding.make_mesh`).
+
+  Every process of a multi-process run calls it and gets the same result: the maps and
+  distances are gathered, and what follows them runs on those host arrays, identically.
 
   Args:
     embed_fn, match_fn: jitted ``images -> maps`` and ``(probe, gallery) -> logits``.
@@ -59,13 +70,14 @@ def evaluate_testset(
     ~0.01-0.1; ``sigmoid(logit / 10)`` is far above that), and ranks by ``1 - lifted``. A
     set without a time stamp on every image gets no TLift row; ``notes`` says so.
   """
+  mesh = mesh or sharding.make_mesh()
   budget = cfg.memory_budget_gb * 2**30
-  q_maps = extract_maps(embed_fn, query, image_size, cfg.batch_size, "query features")
-  g_maps = extract_maps(embed_fn, gallery, image_size, cfg.batch_size, "gallery features")
+  extract = functools.partial(extract_maps, embed_fn, image_size=image_size, mesh=mesh)
+  q_maps = extract(query, batch_size=cfg.batch_size, label="query features")
+  g_maps = extract(gallery, batch_size=cfg.batch_size, label="gallery features")
   ids = (query.pids, gallery.pids, query.cameras, gallery.cameras)
-  dist, logits = pairwise_distance(
-    match_fn, q_maps, g_maps, budget, label="query x gallery", return_logits=True
-  )
+  score = functools.partial(pairwise_distance, match_fn, budget_bytes=budget, mesh=mesh)
+  dist, logits = score(q_maps, g_maps, label="query x gallery", return_logits=True)
   dists = {"QAConv": dist}
   notes = []
   tlift = bool(cfg.tlift)
@@ -90,8 +102,8 @@ def evaluate_testset(
   if tlift:
     dists["QAConv+TLift"] = lift(np.asarray(jax.nn.sigmoid(logits)))
   if cfg.rerank:
-    qq = pairwise_distance(match_fn, q_maps, q_maps, budget, label="query x query")
-    gg = pairwise_distance(match_fn, g_maps, g_maps, budget, label="gallery x gallery")
+    qq = score(q_maps, q_maps, label="query x query")
+    gg = score(g_maps, g_maps, label="gallery x gallery")
     dists["QAConv+RR"] = k_reciprocal_rerank(
       dists["QAConv"], qq, gg, cfg.k1, cfg.k2, cfg.lambda_value
     )

@@ -43,8 +43,8 @@ def _windows(cams: np.ndarray, times: np.ndarray, tau: float):
   return order, lo[rank], hi[rank]  # windows indexed by ORIGINAL probe index
 
 
-@functools.partial(jax.jit, static_argnames=("k", "chunk"))
-def _lift(score, t_hi, t_lo, cam_cols, rows, in_window, *, k, sigma, alpha, chunk):
+@functools.partial(jax.jit, static_argnames=("k", "chunk", "precision"))
+def _lift(score, t_hi, t_lo, cam_cols, rows, in_window, *, k, sigma, alpha, chunk, precision):
   """``score [P, G]`` -> (lifted ``[P, G]``, tie-overflow flags ``[C, P]``).
 
   ``t_hi, t_lo [G]``: gallery times relative to the earliest time, as float32 pairs ``hi +
@@ -79,7 +79,7 @@ def _lift(score, t_hi, t_lo, cam_cols, rows, in_window, *, k, sigma, alpha, chun
       # hi parts first: their difference is exact or one rounding of the difference itself;
       # subtracting whole times (hi + lo) would round them to their float32 spacing first.
       dt = (hi[:, None] - th[None, :]) + (lo[:, None] - tl[None, :])  # [L, Gm]
-      return jnp.dot(pv, jnp.exp(jnp.square(dt) * neg_inv))  # [Gm]
+      return jnp.dot(pv, jnp.exp(jnp.square(dt) * neg_inv), precision=precision)  # [Gm]
 
     pv = pivot.astype(jnp.float32)
     wgt = jax.lax.map(weights, (top_hi, top_lo, pv), batch_size=chunk)
@@ -113,6 +113,7 @@ def temporal_lift(
   k: int = 10,
   alpha: float = 0.2,
   chunk: int = 256,
+  precision: jax.lax.Precision | None = jax.lax.Precision.HIGHEST,
 ) -> jax.Array:
   """Lifted similarity ``[P, G]`` float32 (see the module docstring).
 
@@ -122,6 +123,8 @@ def temporal_lift(
       seconds, all finite.
     tau, sigma, k, alpha: the official defaults (the paper's text uses K = tau = sigma =
       100 and no alpha).
+    precision: of the weight sums (`qaconv_jax.numerics`); HIGHEST by default, as JAX's
+      own default would be TF32 on NVIDIA GPUs and one bf16 pass on TPU.
   """
   score = jnp.asarray(score, jnp.float32)
   if score.ndim != 2:
@@ -174,6 +177,7 @@ def temporal_lift(
     sigma=float(sigma),
     alpha=float(alpha),
     chunk=chunk,
+    precision=precision,
   )
   overflow = np.asarray(overflow)
   if overflow.any():  # rare: heavy ties; redo those (probe, camera) blocks exactly

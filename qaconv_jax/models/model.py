@@ -11,9 +11,11 @@ from flax import linen as nn
 
 from qaconv_jax.errors import ConfigError
 from qaconv_jax.models.init import torch_default_kernel_init, uniform
+from qaconv_jax.models.matching import resolve_options
 from qaconv_jax.models.norm import BatchNorm
-from qaconv_jax.models.qaconv import DEFAULT_BLOCK, QAConv
+from qaconv_jax.models.qaconv import QAConv
 from qaconv_jax.models.resnet import ResNet
+from qaconv_jax.numerics import resolve as resolve_numerics
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -34,6 +36,7 @@ class Neck(nn.Module):
   dim: int = 128
   version: str = "v1"
   dtype: Any = jnp.float32
+  precision: Any = jax.lax.Precision.HIGHEST
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -49,6 +52,7 @@ class Neck(nn.Module):
       bias_init=uniform(fan_in**-0.5),
       dtype=self.dtype,
       param_dtype=jnp.float32,
+      precision=self.precision,
       name="conv",
     )(x)
     if self.version == "v1":
@@ -60,14 +64,20 @@ class GapCosine(nn.Module):
   """The paper's baseline (Table 2): cosine of globally average-pooled, L2-normalised maps,
   then the same scalar ``logit_bn`` so it trains with the same class-memory loss.
 
-  ``(probe [p,h,w,d], gallery [g,h,w,d], train) -> logits [p, g]``.
+  ``(probe [p,h,w,d], gallery [g,h,w,d], train, gallery_mask [g] | None) -> logits [p, g]``.
   """
 
+  precision: Any = jax.lax.Precision.HIGHEST
+
   @nn.compact
-  def __call__(self, probe: jax.Array, gallery: jax.Array, train: bool) -> jax.Array:
+  def __call__(
+    self, probe: jax.Array, gallery: jax.Array, train: bool, gallery_mask: jax.Array | None = None
+  ) -> jax.Array:
     p = l2_normalize(probe.mean(axis=(1, 2)))  # [p, d]
     g = l2_normalize(gallery.mean(axis=(1, 2)))  # [g, d]
-    return BatchNorm(scalar=True, name="logit_bn")(p @ g.T, train)
+    cosine = jnp.dot(p, g.T, precision=self.precision)  # [p, g]
+    mask = None if gallery_mask is None else gallery_mask[None, :]
+    return BatchNorm(scalar=True, name="logit_bn")(cosine, train, mask)
 
 
 class QAConvModel(nn.Module):
@@ -75,8 +85,12 @@ class QAConvModel(nn.Module):
 
   ``embed(images [N, H, W, 3] in [0, 1], train) -> [N, h, w, d]`` unit feature maps;
   ``match(probe, gallery, train) -> logits [p, g]``;
-  ``__call__(images, memory=None, train)`` -> ``(features, logits)``, matching the batch
-  against ``memory [C, h, w, d]`` (or against itself when no memory is given, as at init).
+  ``__call__(images, memory=None, train, memory_mask=None)`` -> ``(features, logits)``,
+  matching the batch against ``memory [C, h, w, d]`` (or against itself when no memory is
+  given, as at init); ``memory_mask [C]`` marks real rows of a padded memory.
+
+  The fields after ``input_norm`` are runtime knobs (`RUNTIME_KEYS`): they change speed and
+  rounding, never a weight, so a checkpoint can be resumed or evaluated with other values.
   """
 
   depth: int = 50
@@ -87,37 +101,71 @@ class QAConvModel(nn.Module):
   head: str = "v1"
   input_norm: str = "none"  # "none" (official: RGB in [0, 1]) or "imagenet"
   dtype: Any = jnp.float32
-  match_block: tuple[int, int] | None = DEFAULT_BLOCK
+  precision: Any = jax.lax.Precision.HIGHEST
+  match_block: tuple[int, int] | str | None = "auto"
+  match_impl: str = "xla"
+  memory_axis: str | None = None  # mesh axis the class memory is split over
 
   def setup(self):
     if self.input_norm not in ("none", "imagenet"):
       raise ConfigError(f"input_norm must be 'none' or 'imagenet', got {self.input_norm!r}.")
-    self.backbone = ResNet(depth=self.depth, width=self.width, ibn=self.ibn, dtype=self.dtype)
-    self.neck = Neck(dim=self.neck_dim, version=self.neck_version, dtype=self.dtype)
-    self.qaconv = (
-      GapCosine() if self.head == "gap" else QAConv(head=self.head, block=self.match_block)
+    self.backbone = ResNet(
+      depth=self.depth, width=self.width, ibn=self.ibn, dtype=self.dtype, precision=self.precision
     )
+    self.neck = Neck(
+      dim=self.neck_dim, version=self.neck_version, dtype=self.dtype, precision=self.precision
+    )
+    if self.head == "gap":
+      self.qaconv = GapCosine(precision=self.precision)
+    else:
+      self.qaconv = QAConv(
+        head=self.head,
+        block=self.match_block,
+        impl=self.match_impl,
+        dtype=self.dtype,
+        precision=self.precision,
+        gallery_axis=self.memory_axis,
+      )
 
   def embed(self, images: jax.Array, train: bool) -> jax.Array:
     if self.input_norm == "imagenet":
       images = (images - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
     return self.neck(self.backbone(images, train), train)
 
-  def match(self, probe: jax.Array, gallery: jax.Array, train: bool) -> jax.Array:
-    return self.qaconv(probe, gallery, train)
+  def match(
+    self, probe: jax.Array, gallery: jax.Array, train: bool, gallery_mask: jax.Array | None = None
+  ) -> jax.Array:
+    return self.qaconv(probe, gallery, train, gallery_mask)
 
-  def __call__(self, images: jax.Array, memory: jax.Array | None = None, train: bool = False):
+  def __call__(
+    self,
+    images: jax.Array,
+    memory: jax.Array | None = None,
+    train: bool = False,
+    memory_mask: jax.Array | None = None,
+  ):
     features = self.embed(images, train)
     gallery = features if memory is None else memory
-    return features, self.match(features, gallery, train)
+    return features, self.match(features, gallery, train, memory_mask)
 
 
-def build_model(cfg: ml_collections.ConfigDict) -> QAConvModel:
-  """``config.model`` -> module. Every field is read, none defaulted here."""
-  dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-  if cfg.dtype not in dtypes:
-    raise ConfigError(f"model.dtype must be one of {sorted(dtypes)}, got {cfg.dtype!r}.")
-  block = None if cfg.match_block is None else tuple(cfg.match_block)
+# config.model keys that change speed and rounding only: a checkpoint does not depend on them.
+RUNTIME_KEYS = ("dtype", "match_block", "match_impl")
+
+
+def build_model(
+  cfg: ml_collections.ConfigDict, *, numerics: str | None = None, memory_axis: str | None = None
+) -> QAConvModel:
+  """``config.model`` -> module. Every field is read, none defaulted here.
+
+  ``numerics`` overrides ``cfg.dtype`` (evaluation passes ``config.eval.dtype``);
+  ``memory_axis``: the mesh axis the class memory is split over in training (runtime).
+  """
+  policy = resolve_numerics(cfg.dtype if numerics is None else numerics)
+  block = cfg.match_block
+  if block is not None and not isinstance(block, str):
+    block = tuple(block)
+  resolve_options(block, cfg.match_impl)  # fail now, not at the first trace
   return QAConvModel(
     depth=cfg.depth,
     width=cfg.width,
@@ -126,6 +174,9 @@ def build_model(cfg: ml_collections.ConfigDict) -> QAConvModel:
     neck_version=cfg.neck_version,
     head=cfg.head,
     input_norm=cfg.input_norm,
-    dtype=dtypes[cfg.dtype],
+    dtype=policy.dtype,
+    precision=policy.precision,
     match_block=block,
+    match_impl=cfg.match_impl,
+    memory_axis=memory_axis,
   )

@@ -31,7 +31,10 @@ class BatchNorm(nn.Module):
   scale_init: Any = nn.initializers.ones
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+  def __call__(self, x: jnp.ndarray, train: bool, mask: jnp.ndarray | None = None) -> jnp.ndarray:
+    """``mask`` (train mode): 0/1 or bool, broadcastable to ``x``; the statistics are over
+    the entries where it is 1 only (the padding rows of a sharded class memory must not
+    move them)."""
     feature_shape = () if self.scalar else (x.shape[-1],)
     reduce_axes = tuple(range(x.ndim)) if self.scalar else tuple(range(x.ndim - 1))
     scale = self.param("scale", self.scale_init, feature_shape, jnp.float32)
@@ -40,13 +43,20 @@ class BatchNorm(nn.Module):
     ra_var = self.variable("batch_stats", "var", jnp.ones, feature_shape, jnp.float32)
 
     x32 = x.astype(jnp.float32)
-    if train:
+    if train and mask is None:
       mean = jnp.mean(x32, axis=reduce_axes)
       # Two-pass variance: numerically safer than E[x^2] - E[x]^2 for large means.
       var = jnp.mean(jnp.square(x32 - mean), axis=reduce_axes)
       n = math.prod(x.shape[a] for a in reduce_axes)
+    elif train:
+      m = jnp.broadcast_to(mask, x.shape).astype(jnp.float32)
+      n = jnp.sum(m, axis=reduce_axes)
+      mean = jnp.sum(x32 * m, axis=reduce_axes) / n
+      var = jnp.sum(jnp.square(x32 - mean) * m, axis=reduce_axes) / n
+    if train:
       if not self.is_initializing():
-        unbiased = var * (n / max(n - 1, 1))
+        correction = n / max(n - 1, 1) if isinstance(n, int) else n / jnp.maximum(n - 1, 1)
+        unbiased = var * correction
         ra_mean.value = (1.0 - self.momentum) * ra_mean.value + self.momentum * mean
         ra_var.value = (1.0 - self.momentum) * ra_var.value + self.momentum * unbiased
     else:

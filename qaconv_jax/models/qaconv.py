@@ -1,20 +1,12 @@
-"""Query-adaptive convolution: the matcher of QAConv (docs/method.md §2).
+"""The QAConv head (docs/method.md §2): BN -> FC -> BN over the matcher's maxima.
 
-For unit-length probe maps ``P [p, hw, d]`` and gallery maps ``G [g, hw, d]`` the cosine of
-every pair of locations is ``S[p, g, s, r] = P[p, s] . G[g, r]``; QAConv keeps two global
-max-poolings of it and feeds them to a BN-FC-BN head that outputs one logit per pair.
-
-``S`` is ``hw`` times larger than anything else here (``[p, g, 192, 192]`` at 384x128), so
-``match_maxima`` evaluates it tile by tile: a ``[tp, tg, hw, hw]`` tile stays in cache while
-it is max-reduced and is never stored. The gradient of a maximum flows only to its argmax,
-so the backward pass needs the argmax indices (int32 ``[p, g, 2hw]``), not ``S``: it gathers
-and segment-sums ``O(p g hw d)`` values instead of redoing the ``O(p g hw^2 d)`` matmul.
+The matcher itself (``match_maxima``: XLA tiles, the Pallas kernel, their custom VJP) lives
+in `qaconv_jax.models.matching`; it is re-exported here.
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -22,230 +14,8 @@ from flax import linen as nn
 
 from qaconv_jax.errors import ConfigError
 from qaconv_jax.models.init import uniform
+from qaconv_jax.models.matching import DEFAULT_BLOCK, match_maxima, match_maxima_with_indices
 from qaconv_jax.models.norm import BatchNorm
-
-# (probe tile, gallery tile). Chosen with bench/bench_matching.py on a 2-core CPU; on a GPU
-# larger tiles (or None: one einsum) are better. Configs set it explicitly.
-DEFAULT_BLOCK = (8, 16)
-
-
-def _check_maps(probe: jax.Array, gallery: jax.Array) -> None:
-  if probe.ndim != 4 or gallery.ndim != 4:
-    raise ValueError(
-      "match_maxima expects feature maps [n, h, w, d]; got probe "
-      f"{probe.shape} and gallery {gallery.shape}."
-    )
-  if probe.shape[1:] != gallery.shape[1:]:
-    raise ValueError(
-      "probe and gallery maps must share (h, w, d); got probe "
-      f"{probe.shape[1:]} and gallery {gallery.shape[1:]}."
-    )
-
-
-def _similarity_tile(pt: jax.Array, gt: jax.Array) -> jax.Array:
-  """``pt [tp, hw, d]``, ``gt [tg, hw, d]`` -> cosines ``[tp, hw, tg, hw]`` (p, s, g, r).
-
-  One plain 2-D matmul ``[tp*hw, d] @ [d, tg*hw]``: on CPU this ran ~10% faster than the
-  4-D einsum, whose output layout XLA had to transpose.
-  """
-  tp, hw, d = pt.shape
-  tg = gt.shape[0]
-  s = jnp.dot(
-    pt.reshape(tp * hw, d), gt.reshape(tg * hw, d).T, preferred_element_type=jnp.float32
-  )  # [tp*hw, tg*hw]
-  return s.reshape(tp, hw, tg, hw)
-
-
-def _maxima_tile(pt: jax.Array, gt: jax.Array) -> jax.Array:
-  """``pt [tp, hw, d]``, ``gt [tg, hw, d]`` -> ``[tp, tg, 2hw]`` (gallery-indexed first)."""
-  s = _similarity_tile(pt, gt)  # [tp, hw(s), tg, hw(r)]
-  return jnp.concatenate([s.max(axis=1), s.max(axis=3).transpose(0, 2, 1)], axis=-1)
-
-
-def _maxima_and_indices_tile(pt: jax.Array, gt: jax.Array):
-  """``_maxima_tile`` plus the FIRST argmax of each maximum, int32 ``[tp, tg, 2hw]``.
-
-  Found as a min-reduce of ``where(s == max, location, hw)`` after the max: two plain
-  reductions that XLA fuses, ~4x faster on CPU than its variadic argmax reduction.
-  """
-  s = _similarity_tile(pt, gt)  # [tp, hw(s), tg, hw(r)]
-  hw = s.shape[1]
-  best_for_gallery = s.max(axis=1)  # [tp, tg, hw(r)]
-  best_for_probe = s.max(axis=3)  # [tp, hw(s), tg]
-  loc_s = jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
-  loc_r = jax.lax.broadcasted_iota(jnp.int32, s.shape, 3)
-  idx_g = jnp.min(jnp.where(s == best_for_gallery[:, None], loc_s, hw), axis=1)  # [tp,tg,hw]
-  idx_p = jnp.min(jnp.where(s == best_for_probe[..., None], loc_r, hw), axis=3)  # [tp,hw,tg]
-  maxima = jnp.concatenate([best_for_gallery, best_for_probe.transpose(0, 2, 1)], axis=-1)
-  indices = jnp.concatenate([idx_g, idx_p.transpose(0, 2, 1)], axis=-1)
-  return maxima, jnp.minimum(indices, hw - 1)  # NaN similarities would leave hw: clamp
-
-
-def _grid(p: int, g: int, block: tuple[int, int] | None) -> tuple[int, int, int, int]:
-  """Tile sizes and counts ``(tp, tg, n_p, n_g)`` covering ``p x g`` pairs."""
-  tp, tg = (p, g) if block is None else (min(block[0], p), min(block[1], g))
-  return tp, tg, -(-p // tp), -(-g // tg)
-
-
-def _tiles(x: jax.Array, n: int, t: int) -> jax.Array:
-  """``[m, ...]`` -> zero-padded ``[n, t, ...]``."""
-  x = jnp.pad(x, ((0, n * t - x.shape[0]),) + ((0, 0),) * (x.ndim - 1))
-  return x.reshape(n, t, *x.shape[1:])
-
-
-def _tiled(tile_fn: Callable, probe: jax.Array, gallery: jax.Array, block: tuple[int, int] | None):
-  """Applies ``tile_fn`` over a grid of (probe tile x gallery tile) and stitches the result.
-
-  ``probe [p, hw, d]``, ``gallery [g, hw, d]``; ``tile_fn`` returns pytrees of ``[tp, tg, k]``.
-  Ragged edges are zero-padded and cut off again, so any ``p``, ``g`` work.
-  """
-  p, g = probe.shape[0], gallery.shape[0]
-  tp, tg, n_p, n_g = _grid(p, g, block)
-  if n_p == n_g == 1:
-    return tile_fn(probe, gallery)
-  pp, gg = _tiles(probe, n_p, tp), _tiles(gallery, n_g, tg)  # [n_p,tp,hw,d], [n_g,tg,hw,d]
-  out = jax.lax.map(lambda pt: jax.lax.map(lambda gt: tile_fn(pt, gt), gg), pp)
-
-  def stitch(x):  # [n_p, n_g, tp, tg, k] -> [p, g, k]
-    x = x.transpose(0, 2, 1, 3, 4).reshape(n_p * tp, n_g * tg, x.shape[-1])
-    return x[:p, :g]
-
-  return jax.tree.map(stitch, out)
-
-
-def _tile_grads(pt, gt, cot, idx, want_p: bool, want_g: bool):
-  """Cotangents of one tile's maxima w.r.t. its maps (only those asked for; else None).
-
-  ``pt [tp, hw, d]``, ``gt [tg, hw, d]``, ``cot``/``idx [tp, tg, 2hw]`` -> ``(dP [tp, hw, d],
-  dG [tg, hw, d])``. Gallery-indexed maximum r was ``P[s_idx] . G[r]``; probe-indexed
-  maximum s was ``P[s] . G[r_idx]``: each feeds the other side of its own product.
-  """
-  tp, hw, d = pt.shape
-  tg = gt.shape[0]
-  a, b = cot[..., :hw], cot[..., hw:]  # [tp, tg, hw] each
-  s_idx, r_idx = idx[..., :hw], idx[..., hw:]
-  pi = jnp.arange(tp)[:, None, None]
-  gi = jnp.arange(tg)[None, :, None]
-  d_p = d_g = None
-  if want_p:
-    d_p = jnp.einsum("pgs,pgsd->psd", b, gt[gi, r_idx])  # gathered G rows [tp, tg, hw, d]
-    d_p += jax.ops.segment_sum(
-      (a[..., None] * gt[None]).reshape(-1, d),  # [tp*tg*hw, d]
-      (pi * hw + s_idx).reshape(-1),
-      num_segments=tp * hw,
-    ).reshape(tp, hw, d)
-  if want_g:
-    d_g = jnp.einsum("pgr,pgrd->grd", a, pt[pi, s_idx])  # gathered P rows [tp, tg, hw, d]
-    d_g += jax.ops.segment_sum(
-      (b[..., None] * pt[:, None]).reshape(-1, d),
-      (gi * hw + r_idx).reshape(-1),
-      num_segments=tg * hw,
-    ).reshape(tg, hw, d)
-  return d_p, d_g
-
-
-def _tiled_grads(probe, gallery, idx, cot, block, want_p: bool = True, want_g: bool = True):
-  """``[p, hw, d]``, ``[g, hw, d]``, ``idx``/``cot [p, g, 2hw]`` -> ``(dP, dG)``, tile by tile.
-
-  Padded pairs carry a zero cotangent, so they add nothing. An unwanted side is None and
-  costs nothing (training never differentiates the class memory).
-  """
-  p, g = probe.shape[0], gallery.shape[0]
-  tp, tg, n_p, n_g = _grid(p, g, block)
-  pp, gg = _tiles(probe, n_p, tp), _tiles(gallery, n_g, tg)
-
-  def pair_tiles(x):  # [p, g, 2hw] -> [n_p, n_g, tp, tg, 2hw]
-    x = _tiles(jnp.swapaxes(_tiles(x, n_p, tp), 0, 2), n_g, tg)  # [n_g, tg, tp, n_p, 2hw]
-    return x.transpose(3, 0, 2, 1, 4)
-
-  idx_t, cot_t = pair_tiles(idx), pair_tiles(cot.astype(jnp.float32))
-
-  def probe_row(d_gallery, row):
-    pt, idx_row, cot_row = row
-
-    def gallery_tile(d_pt, col):
-      gt, it, ct = col
-      d_p, d_g = _tile_grads(pt, gt, ct, it, want_p, want_g)
-      return (d_pt + d_p if want_p else d_pt), d_g
-
-    d_pt0 = jnp.zeros(pt.shape, jnp.float32) if want_p else None
-    d_pt, d_gs = jax.lax.scan(gallery_tile, d_pt0, (gg, idx_row, cot_row))
-    return (d_gallery + d_gs if want_g else d_gallery), d_pt
-
-  d_gallery0 = jnp.zeros(gg.shape, jnp.float32) if want_g else None
-  d_gallery, d_probe = jax.lax.scan(probe_row, d_gallery0, (pp, idx_t, cot_t))
-  if want_p:
-    d_probe = d_probe.reshape(n_p * tp, *probe.shape[1:])[:p].astype(probe.dtype)
-  if want_g:
-    d_gallery = d_gallery.reshape(n_g * tg, *gallery.shape[1:])[:g].astype(gallery.dtype)
-  return d_probe, d_gallery
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _match_maxima_flat(probe, gallery, block):
-  return _tiled(_maxima_tile, probe, gallery, block)
-
-
-def _match_maxima_fwd(probe, gallery, block):
-  # symbolic_zeros: the inputs come wrapped with ``.perturbed``, so the backward pass can
-  # skip the side that is not differentiated (the class memory, in training).
-  maxima, idx = _tiled(_maxima_and_indices_tile, probe.value, gallery.value, block)
-  wanted = {"p": probe.perturbed, "g": gallery.perturbed}  # static: part of the pytree shape
-  return maxima, (probe.value, gallery.value, idx, {k: () for k, v in wanted.items() if v})
-
-
-def _match_maxima_bwd(block, residuals, cot):
-  probe, gallery, idx, wanted = residuals
-  d_p, d_g = _tiled_grads(probe, gallery, idx, cot, block, "p" in wanted, "g" in wanted)
-  return (
-    jnp.zeros_like(probe) if d_p is None else d_p,
-    jnp.zeros_like(gallery) if d_g is None else d_g,
-  )
-
-
-_match_maxima_flat.defvjp(_match_maxima_fwd, _match_maxima_bwd, symbolic_zeros=True)
-
-
-def _flatten(probe, gallery):
-  _check_maps(probe, gallery)
-  n, h, w, d = probe.shape
-  return probe.reshape(n, h * w, d), gallery.reshape(gallery.shape[0], h * w, d)
-
-
-def match_maxima(
-  probe: jax.Array, gallery: jax.Array, *, block: tuple[int, int] | None = DEFAULT_BLOCK
-) -> jax.Array:
-  """Best local matches of every probe x gallery pair.
-
-  Args:
-    probe: ``[p, h, w, d]`` maps, unit length over ``d``.
-    gallery: ``[g, h, w, d]`` maps, unit length over ``d``.
-    block: ``(tp, tg)`` tile of pairs evaluated at once, or None for one einsum.
-
-  Returns:
-    ``[p, g, 2*h*w]`` float32: ``[..., :hw]`` is, for each gallery location r, the best
-    cosine over probe locations; ``[..., hw:]`` is, for each probe location s, the best over
-    gallery locations (the official order: gallery-indexed half first).
-
-  Differentiable w.r.t. both maps; as with PyTorch's ``max(dim)``, each maximum's gradient
-  goes to one argmax (the first on exact ties).
-  """
-  pf, gf = _flatten(probe, gallery)
-  return _match_maxima_flat(pf, gf, None if block is None else tuple(block))
-
-
-def match_maxima_with_indices(
-  probe: jax.Array, gallery: jax.Array, *, block: tuple[int, int] | None = DEFAULT_BLOCK
-):
-  """``match_maxima`` plus the argmax locations: the local correspondences (paper Fig. 1b).
-
-  Returns ``(maxima [p, g, 2hw] float32, indices [p, g, 2hw] int32)``: for ``r < hw``,
-  ``indices[..., r]`` is the flat probe location matched to gallery location ``r``; for
-  ``s < hw``, ``indices[..., hw + s]`` is the flat gallery location matched to probe
-  location ``s``. Flat locations run row-major over ``(h, w)``.
-  """
-  pf, gf = _flatten(probe, gallery)
-  return _tiled(_maxima_and_indices_tile, pf, gf, block)
 
 
 class QAConv(nn.Module):
@@ -254,32 +24,61 @@ class QAConv(nn.Module):
   head "v1" (the paper): scalar BN -> Dense(2hw -> 1) -> scalar BN.
   head "v2" (v2.1): scalar BN -> one Dense(hw -> 1) applied to both halves, summed -> BN.
   Initialisation follows PyTorch's ``nn.Linear`` (v2: weight filled with 1/hw).
+
+  Runtime knobs (no weight depends on them): ``block``/``impl``/``precision`` of
+  `match_maxima`, ``dtype`` of its operands (the maxima, BN and FC stay float32), and
+  ``gallery_axis``, the mesh axis the gallery (class memory) is split over.
+  ``gallery_mask [g]`` (train mode) marks the real gallery rows: padding rows of a split
+  memory are kept out of the BN statistics.
   """
 
   head: str = "v1"
-  block: tuple[int, int] | None = DEFAULT_BLOCK
+  block: tuple[int, int] | str | None = "auto"
+  impl: str = "xla"
+  dtype: Any = jnp.float32
+  precision: Any = jax.lax.Precision.HIGHEST
+  gallery_axis: str | None = None
 
   @nn.compact
-  def __call__(self, probe: jax.Array, gallery: jax.Array, train: bool) -> jax.Array:
+  def __call__(
+    self, probe: jax.Array, gallery: jax.Array, train: bool, gallery_mask: jax.Array | None = None
+  ) -> jax.Array:
     if self.head not in ("v1", "v2"):
       raise ConfigError(f"QAConv head must be 'v1' or 'v2', got {self.head!r}.")
-    x = match_maxima(probe, gallery, block=self.block)  # [p, g, 2hw]
+    x = match_maxima(
+      probe.astype(self.dtype),
+      gallery.astype(self.dtype),
+      block=self.block,
+      impl=self.impl,
+      precision=self.precision,
+      gallery_axis=self.gallery_axis,
+    )  # [p, g, 2hw] float32
     hw = x.shape[-1] // 2
-    x = BatchNorm(scalar=True, name="bn")(x, train)
+    mask = None if gallery_mask is None else gallery_mask[None, :, None]  # [1, g, 1]
+    x = BatchNorm(scalar=True, name="bn")(x, train, mask)
     if self.head == "v1":
       fan_in = 2 * hw
       # nn.Linear's default: weight and bias both ~ U(+-1/sqrt(fan_in)).
       fc = nn.Dense(
-        1, kernel_init=uniform(fan_in**-0.5), bias_init=uniform(fan_in**-0.5), name="fc"
+        1,
+        kernel_init=uniform(fan_in**-0.5),
+        bias_init=uniform(fan_in**-0.5),
+        precision=self.precision,
+        name="fc",
       )
       logits = fc(x)[..., 0]  # [p, g]
     else:
       fc = nn.Dense(
-        1, kernel_init=nn.initializers.constant(1.0 / hw), bias_init=uniform(hw**-0.5), name="fc"
+        1,
+        kernel_init=nn.initializers.constant(1.0 / hw),
+        bias_init=uniform(hw**-0.5),
+        precision=self.precision,
+        name="fc",
       )
       # Shared weights make the eval-mode score symmetric in (probe, gallery).
       logits = fc(x[..., :hw])[..., 0] + fc(x[..., hw:])[..., 0]  # [p, g]
-    return BatchNorm(scalar=True, name="logit_bn")(logits, train)
+    logit_mask = None if gallery_mask is None else gallery_mask[None, :]  # [1, g]
+    return BatchNorm(scalar=True, name="logit_bn")(logits, train, logit_mask)
 
 
 def qaconv_score(logits: jax.Array) -> jax.Array:

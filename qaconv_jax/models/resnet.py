@@ -61,7 +61,9 @@ def _output(y, shortcut, ibn: str, dtype: Any):
   return nn.relu(y)
 
 
-def _conv(features: int, kernel: int, stride: int, name: str, dtype: Any) -> nn.Conv:
+def _conv(
+  features: int, kernel: int, stride: int, name: str, dtype: Any, precision: Any
+) -> nn.Conv:
   pad = kernel // 2  # explicit symmetric padding, as PyTorch (not "SAME")
   return nn.Conv(
     features,
@@ -72,6 +74,7 @@ def _conv(features: int, kernel: int, stride: int, name: str, dtype: Any) -> nn.
     kernel_init=resnet_conv_init,
     dtype=dtype,
     param_dtype=jnp.float32,
+    precision=precision,
     name=name,
   )
 
@@ -84,16 +87,17 @@ class BasicBlock(nn.Module):
   downsample: bool = False
   ibn: str = ""  # "", "a" or "b": see `_block_ibn`
   dtype: Any = jnp.float32
+  precision: Any = None  # of every conv (qaconv_jax.numerics)
   expansion = 1
 
   @nn.compact
   def __call__(self, x, train: bool):
-    y = _conv(self.planes, 3, self.stride, "conv1", self.dtype)(x)
+    y = _conv(self.planes, 3, self.stride, "conv1", self.dtype, self.precision)(x)
     y = nn.relu(_first_norm(self.ibn, self.dtype)(y, train))
-    y = _conv(self.planes, 3, 1, "conv2", self.dtype)(y)
+    y = _conv(self.planes, 3, 1, "conv2", self.dtype, self.precision)(y)
     y = BatchNorm(dtype=self.dtype, name="bn2")(y, train)
     if self.downsample:
-      x = _conv(self.planes, 1, self.stride, "downsample_0", self.dtype)(x)
+      x = _conv(self.planes, 1, self.stride, "downsample_0", self.dtype, self.precision)(x)
       x = BatchNorm(dtype=self.dtype, name="downsample_1")(x, train)
     return _output(y, x, self.ibn, self.dtype)
 
@@ -106,18 +110,19 @@ class Bottleneck(nn.Module):
   downsample: bool = False
   ibn: str = ""  # "", "a" or "b": see `_block_ibn`
   dtype: Any = jnp.float32
+  precision: Any = None  # of every conv (qaconv_jax.numerics)
   expansion = 4
 
   @nn.compact
   def __call__(self, x, train: bool):
-    y = _conv(self.planes, 1, 1, "conv1", self.dtype)(x)
+    y = _conv(self.planes, 1, 1, "conv1", self.dtype, self.precision)(x)
     y = nn.relu(_first_norm(self.ibn, self.dtype)(y, train))
-    y = _conv(self.planes, 3, self.stride, "conv2", self.dtype)(y)
+    y = _conv(self.planes, 3, self.stride, "conv2", self.dtype, self.precision)(y)
     y = nn.relu(BatchNorm(dtype=self.dtype, name="bn2")(y, train))
-    y = _conv(self.planes * 4, 1, 1, "conv3", self.dtype)(y)
+    y = _conv(self.planes * 4, 1, 1, "conv3", self.dtype, self.precision)(y)
     y = BatchNorm(dtype=self.dtype, name="bn3")(y, train)
     if self.downsample:
-      x = _conv(self.planes * 4, 1, self.stride, "downsample_0", self.dtype)(x)
+      x = _conv(self.planes * 4, 1, self.stride, "downsample_0", self.dtype, self.precision)(x)
       x = BatchNorm(dtype=self.dtype, name="downsample_1")(x, train)
     return _output(y, x, self.ibn, self.dtype)
 
@@ -131,6 +136,7 @@ class ResNet(nn.Module):
     width: channels of the stem and of layer1's planes (64 in torchvision; tests shrink it).
     ibn: "" (plain ResNet), "a" or "b" (IBN-Net-a / -b, see the module docstring).
     dtype: compute dtype (float32 or bfloat16); parameters are always float32.
+    precision: of every conv (``jax.lax.Precision``; `qaconv_jax.numerics`).
 
   ``__call__(x [N, H, W, 3], train)`` returns the ``final_stage`` map, or with
   ``return_stages=True`` a dict ``{"stem", "layer1", ...}`` of every stage built.
@@ -141,6 +147,7 @@ class ResNet(nn.Module):
   width: int = 64
   ibn: str = ""
   dtype: Any = jnp.float32
+  precision: Any = None
 
   def _check_attributes(self):
     if self.depth not in ARCHS:
@@ -161,7 +168,7 @@ class ResNet(nn.Module):
     block_cls = BasicBlock if kind == "basic" else Bottleneck
 
     x = x.astype(self.dtype)
-    x = _conv(self.width, 7, 2, "conv1", self.dtype)(x)
+    x = _conv(self.width, 7, 2, "conv1", self.dtype, self.precision)(x)
     if self.ibn == "b":
       x = InstanceNorm(dtype=self.dtype, name="bn1")(x)
     else:
@@ -182,6 +189,7 @@ class ResNet(nn.Module):
           needs_ds,
           _block_ibn(self.ibn, s, b, count),
           self.dtype,
+          self.precision,
           name=f"{stage}_{b}",
         )(x, train)
         in_channels = out_channels
