@@ -175,38 +175,19 @@ def print_train(args, ours, err, official, official_why):
   def ratio(r, o):  # --small: their ResNet-18 is torchvision's (width 64), ours width 16
     return None if o is None or args.small else r["ips"] / o["ips"]
 
+  def row(r, vs_f32: str, vs_same: str, first: str):
+    peak = "n/a" if r["peak_gb"] is None else f"{r['peak_gb']:.1f}"
+    timing = [f"{r['s'] * 1e3:.1f}", f"{r['ips']:.1f}", vs_f32, vs_same, f"{r['loss']:.3f}"]
+    return [r["case"], r["dtype"], r["batch"], *timing, peak, first]
+
   rows = []
   for r in (ours or {}).get("rows", []):
     same = (offbf if r["dtype"] == "bfloat16" else off32).get(r["batch"])
-    rows.append(
-      [
-        r["case"],
-        r["dtype"],
-        r["batch"],
-        f"{r['s'] * 1e3:.1f}",
-        f"{r['ips']:.1f}",
-        fmt_ratio(ratio(r, off32.get(r["batch"]))),
-        fmt_ratio(ratio(r, same)),
-        f"{r['loss']:.3f}",
-        "n/a" if r["peak_gb"] is None else f"{r['peak_gb']:.1f}",
-        f"{r['first_s']:.1f} ({r['compile_s']:.1f})",
-      ]
-    )
+    vs_f32 = fmt_ratio(ratio(r, off32.get(r["batch"])))
+    first = f"{r['first_s']:.1f} ({r['compile_s']:.1f})"
+    rows.append(row(r, vs_f32, fmt_ratio(ratio(r, same)), first))
   for r in good:
-    rows.append(
-      [
-        r["case"],
-        r["dtype"],
-        r["batch"],
-        f"{r['s'] * 1e3:.1f}",
-        f"{r['ips']:.1f}",
-        "1.00x" if r["dtype"] == "float32" else "-",
-        "1.00x",
-        f"{r['loss']:.3f}",
-        "n/a" if r["peak_gb"] is None else f"{r['peak_gb']:.1f}",
-        "-",
-      ]
-    )
+    rows.append(row(r, "1.00x" if r["dtype"] == "float32" else "-", "1.00x", "-"))
   head = ["case", "dtype", "batch", "ms/step", "img/s", "vs official f32"]
   head += ["vs official same dtype", "loss", "peak GB", "first call s (XLA compile)"]
   print(table(head, rows))

@@ -25,7 +25,7 @@ from configs.market_r50 import get_config
 from qaconv_jax import sharding
 from qaconv_jax.models.model import build_model
 from qaconv_jax.optim import make_optimizer
-from qaconv_jax.train_state import create_train_state
+from qaconv_jax.train_state import create_train_state, pad_memory
 from qaconv_jax.train_step import make_train_step
 
 
@@ -46,6 +46,10 @@ def step_time(
     classes,
     cfg.loss,
   )
+  n = mesh.shape["data"]
+  memory_axis = "data" if n > 1 else None  # as training.py: memory padded and split
+  step_model = build_model(cfg.model, memory_axis=memory_axis)
+  state = pad_memory(state, n).replace(apply_fn=step_model.apply)
   state_sh = sharding.state_shardings(state, mesh)
   state = jax.device_put(state, state_sh)
   rng = np.random.default_rng(0)
@@ -56,7 +60,13 @@ def step_time(
     },
     mesh,
   )
-  step = make_train_step(cfg.loss, state_sh)
+  step = make_train_step(
+    cfg.loss,
+    state_sh,
+    jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")),
+    num_classes=classes,
+    memory_axis=memory_axis,
+  )
   times = []
   for _ in range(steps + 1):  # the first call compiles
     t = time.perf_counter()

@@ -1,7 +1,8 @@
 """Numerics policies: the compute dtype and matmul/conv precision of a run (docs/method.md §11).
 
 One name (``config.model.dtype`` for training, ``config.eval.dtype`` for evaluation) picks
-both, for the backbone, the neck, the matcher and TLift alike:
+both, for the backbone, the neck, the matcher and its head alike (TLift's small weight sums
+always run at HIGHEST: `temporal_lift`):
 
 ==========  ==============  ==========================  =====================================
 name        compute dtype   dot/conv precision          use
@@ -11,7 +12,7 @@ tf32        float32         HIGH (TF32 on NVIDIA GPUs,  faster float32 on Ampere
                             bf16x3 on TPU)
 bfloat16    bfloat16        DEFAULT, float32            mixed-precision training, as the
                             accumulation                authors' HEAD (torch autocast)
-auto        bfloat16 on GPU/TPU, float32 on CPU (training only)
+auto        bfloat16 on GPU/TPU, float32 on CPU (the training default)
 ==========  ==============  ==========================  =====================================
 
 Parameters, BN statistics, the class memory, the losses and the matcher's maxima stay

@@ -135,6 +135,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     state, lines = checkpoint.init_from(
       state, config.init_from, meta["model"], with_memory=config.init_memory
     )
+    # Host arrays: replicate them globally first (padding one process's copy would put it
+    # on a local device, which a multi-process device_put cannot move).
+    state = jax.device_put(state, replicated)
     print("\n".join(lines), flush=True)
   elif main_process:
     print(

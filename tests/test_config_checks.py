@@ -76,6 +76,7 @@ def test_shipped_configs_pass(name, variant):
     ("model.match_impl", "triton", r"match_impl='triton'.*must be one of \('xla', 'pallas'\)"),
     ("model.match_block", (0, 4), r"match_block=\(0, 4\).*two positive tile sizes"),
     ("model.match_block", "big", r"match_block='big'.*'auto', None or \(tp, tg\)"),
+    ("model.match_block", (8.5, 4), r"match_block=\(8.5, 4\).*positive integer tile sizes"),
   ],
 )
 def test_bad_values_are_refused_before_training(tmp_path, key, value, message):

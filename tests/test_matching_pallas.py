@@ -134,3 +134,23 @@ def test_tpu_layout_in_interpret_mode(rng, monkeypatch):
     backend="tpu-in-interpret-mode",  # a fresh jit cache key for the patched plan
   )
   _assert_same(got, _xla(probe, gallery))
+
+
+def test_evaluation_scores_through_the_kernel(rng):
+  """`pairwise_distance` runs the match function under shard_map: the kernel works there."""
+  import jax
+
+  from qaconv_jax.evaluation.scoring import pairwise_distance
+  from qaconv_jax.models.matching import match_maxima
+
+  probe, gallery = random_unit_maps(rng, 5, 4, 2, 16), random_unit_maps(rng, 9, 4, 2, 16)
+  dist = {
+    impl: pairwise_distance(
+      jax.jit(lambda p, g, impl=impl: match_maxima(p, g, impl=impl, block=(4, 4)).mean(-1)),
+      probe,
+      gallery,
+      block=(3, 4),
+    )
+    for impl in ("xla", "pallas")
+  }
+  np.testing.assert_allclose(dist["pallas"], dist["xla"], rtol=0, atol=1e-7)

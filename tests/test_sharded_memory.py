@@ -1,4 +1,4 @@
-"""The class memory split over devices for any class count (docs/method.md §3, §9).
+"""The class memory split over devices for any class count (docs/method.md §3, §11).
 
 7 classes on 4 simulated devices (memory padded to 8 rows, 2 per device) must train like
 1 device, and the compiled step must never gather the whole memory.

@@ -56,7 +56,9 @@ def resolve_options(block="auto", impl="xla", precision=HIGHEST, backend=None) -
     else:
       block = DEFAULT_BLOCK if backend == "cpu" else ACCELERATOR_BLOCK
   elif block is not None:
-    block = tuple(int(b) for b in block)
+    if not all(isinstance(b, int) and not isinstance(b, bool) for b in block):
+      raise ValueError(f"match block must be two positive integer tile sizes, got {block!r}.")
+    block = tuple(block)
     if len(block) != 2 or min(block) < 1:
       raise ValueError(f"match block must be two positive tile sizes, got {block!r}.")
   if impl == "pallas" and block is None:
@@ -278,20 +280,20 @@ _match_maxima_flat.defvjp(_match_maxima_fwd, _match_maxima_bwd, symbolic_zeros=T
 # The gallery split over a mesh axis (the class memory in data-parallel training): every
 # device matches the whole (gathered, small) batch against its own gallery rows, so the
 # gallery never moves; the maxima come out split over the same axis on their gallery axis.
-def _shard(fn, axis: str, in_specs, out_specs):
+def _shard(fn, in_specs, out_specs):
   return jax.shard_map(fn, in_specs=in_specs, out_specs=out_specs, check_vma=False)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _match_maxima_sharded(probe, gallery, opts, axis):
   fn = lambda p, g: _forward(p, g, opts, with_indices=False)
-  return _shard(fn, axis, (P(), P(axis)), P(None, axis))(probe, gallery)
+  return _shard(fn, (P(), P(axis)), P(None, axis))(probe, gallery)
 
 
 def _match_maxima_sharded_fwd(probe, gallery, opts, axis):
   fn = lambda p, g: _forward(p, g, opts, with_indices=True)
   spec = P(None, axis)  # [p, g, 2hw] split on g
-  maxima, idx = _shard(fn, axis, (P(), P(axis)), (spec, spec))(probe.value, gallery.value)
+  maxima, idx = _shard(fn, (P(), P(axis)), (spec, spec))(probe.value, gallery.value)
   return maxima, (probe.value, gallery.value, idx, _wanted(probe, gallery))
 
 
@@ -306,9 +308,7 @@ def _match_maxima_sharded_bwd(opts, axis, residuals, cot):
     return (None if d_p is None else jax.lax.psum(d_p, axis)), d_g
 
   spec = P(None, axis)
-  d_p, d_g = _shard(local, axis, (P(), P(axis), spec, spec), (P(), P(axis)))(
-    probe, gallery, idx, cot
-  )
+  d_p, d_g = _shard(local, (P(), P(axis), spec, spec), (P(), P(axis)))(probe, gallery, idx, cot)
   return _zeros_for_absent(probe, gallery, d_p, d_g)
 
 
