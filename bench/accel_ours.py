@@ -153,41 +153,30 @@ def matcher_section(args) -> dict:
 
 # ------------------------------------------------------------------------------ train
 def train_section(args) -> dict:
-  from jax.sharding import NamedSharding
-  from jax.sharding import PartitionSpec as P
-
   from configs.market_r50 import get_config
   from qaconv_jax import sharding
   from qaconv_jax.models.model import build_model
   from qaconv_jax.optim import make_optimizer
-  from qaconv_jax.train_state import create_train_state, pad_memory
-  from qaconv_jax.train_step import make_train_step
+  from qaconv_jax.train_state import create_train_state
+  from qaconv_jax.train_step import mesh_train_step
 
   size, classes, batches, (depth, width) = train_sizes(args)
   cfg = get_config()
   cfg.model.update(depth=depth, width=width)
   mesh = sharding.make_mesh()
-  n = mesh.shape["data"]
-  memory_axis = "data" if n > 1 else None  # as training.py: the memory split over devices
   rows, clock = [], CompileClock()
   rng = np.random.default_rng(0)
   for dtype_name in args.train_dtypes.split(","):
     cfg.model.dtype = dtype_name
     model = build_model(cfg.model)
-    step_model = build_model(cfg.model, memory_axis=memory_axis)
     state = create_train_state(
       model, make_optimizer(cfg.optim, 100), jax.random.key(0), size, classes, cfg.loss
     )
     # Never time on zeros: a memory of random unit maps (the matcher's maxima are then real).
     memory = unit_maps_host(classes, 3, state.class_memory.shape[1:])
     state = state.replace(class_memory=jnp.asarray(memory))
-    state = pad_memory(state, n).replace(apply_fn=step_model.apply)
-    state_sh = sharding.state_shardings(state, mesh)
-    state = jax.device_put(state, state_sh)
-    batch_sh = NamedSharding(mesh, P("data"))
-    step = make_train_step(
-      cfg.loss, state_sh, batch_sh, num_classes=classes, memory_axis=memory_axis
-    )
+    on_mesh = mesh_train_step(state, cfg.model, cfg.loss, mesh, classes)  # as training.py
+    state, step = on_mesh.place(state), on_mesh.step
     for b in batches:
       data = sharding.global_batch(
         {

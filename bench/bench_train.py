@@ -25,8 +25,8 @@ from configs.market_r50 import get_config
 from qaconv_jax import sharding
 from qaconv_jax.models.model import build_model
 from qaconv_jax.optim import make_optimizer
-from qaconv_jax.train_state import create_train_state, pad_memory
-from qaconv_jax.train_step import make_train_step
+from qaconv_jax.train_state import create_train_state
+from qaconv_jax.train_step import mesh_train_step
 
 
 def step_time(
@@ -46,12 +46,8 @@ def step_time(
     classes,
     cfg.loss,
   )
-  n = mesh.shape["data"]
-  memory_axis = "data" if n > 1 else None  # as training.py: memory padded and split
-  step_model = build_model(cfg.model, memory_axis=memory_axis)
-  state = pad_memory(state, n).replace(apply_fn=step_model.apply)
-  state_sh = sharding.state_shardings(state, mesh)
-  state = jax.device_put(state, state_sh)
+  on_mesh = mesh_train_step(state, cfg.model, cfg.loss, mesh, classes)  # as training.py
+  state = on_mesh.place(state)
   rng = np.random.default_rng(0)
   data = sharding.global_batch(
     {
@@ -60,13 +56,7 @@ def step_time(
     },
     mesh,
   )
-  step = make_train_step(
-    cfg.loss,
-    state_sh,
-    jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")),
-    num_classes=classes,
-    memory_axis=memory_axis,
-  )
+  step = on_mesh.step
   times = []
   for _ in range(steps + 1):  # the first call compiles
     t = time.perf_counter()

@@ -64,10 +64,8 @@ def runtime_problems(cfg: ml_collections.ConfigDict) -> list[str]:
     out.append(f"model.dtype={cfg.dtype!r}: expected one of {list(NUMERICS)}")
   block = cfg.match_block
   try:
-    resolve_options(
-      block if block is None or isinstance(block, str) else tuple(block), cfg.match_impl
-    )
-  except (ValueError, TypeError) as e:
+    resolve_options(block, cfg.match_impl)
+  except (ValueError, TypeError) as e:  # TypeError: a block that is no sequence
     out.append(f"model.match_block={block!r} / match_impl={cfg.match_impl!r}: {e}".rstrip("."))
   return out
 

@@ -5,16 +5,20 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from qaconv_jax import sharding
 from qaconv_jax.errors import TrainingDiverged
 from qaconv_jax.losses import focal_memory_loss, memory_accuracy
 from qaconv_jax.memory import real_class_mask, update_class_memory
-from qaconv_jax.train_state import TrainState
+from qaconv_jax.models.model import build_model
+from qaconv_jax.train_state import TrainState, pad_memory
 
 
 def train_step(
@@ -120,6 +124,46 @@ def make_train_step(
 
   run.lower = lambda *a: _lower_on(mesh, jitted, *a)  # for inspecting the compiled step
   return run
+
+
+class MeshStep(NamedTuple):
+  """`mesh_train_step`'s result."""
+
+  place: Callable[[TrainState], TrainState]  # unpadded state -> padded, split, step's model
+  state_sharding: Any
+  batch_sharding: NamedSharding
+  step: Callable[..., Any]  # jitted (state, batch, rng) -> (state, metrics)
+
+
+def mesh_train_step(
+  state: TrainState,
+  model_cfg,
+  loss_cfg,
+  mesh,
+  num_classes: int,
+  memory_axis: str | None = "auto",
+) -> MeshStep:
+  """The train step on ``mesh``, the class memory split over its devices.
+
+  ``state`` is the unpadded state (``num_classes`` memory rows: what checkpoints hold).
+  ``memory_axis``: "auto" = "data" when the mesh has more than one device, else None (a
+  test passes None on many devices to see what an unsplit matcher compiles to). The step's
+  model is ``config.model`` built with that axis; no weight depends on it.
+  """
+  n = mesh.shape["data"]
+  if memory_axis == "auto":
+    memory_axis = "data" if n > 1 else None
+  step_model = build_model(model_cfg, memory_axis=memory_axis)
+
+  def padded(unpadded: TrainState) -> TrainState:
+    return pad_memory(unpadded, n).replace(apply_fn=step_model.apply)
+
+  state_sh = sharding.state_shardings(jax.eval_shape(padded, state), mesh)
+  batch_sh = NamedSharding(mesh, P("data"))
+  step = make_train_step(
+    loss_cfg, state_sh, batch_sh, num_classes=num_classes, memory_axis=memory_axis
+  )
+  return MeshStep(lambda s: jax.device_put(padded(s), state_sh), state_sh, batch_sh, step)
 
 
 def _lower_on(mesh, jitted, *args):

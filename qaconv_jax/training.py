@@ -23,8 +23,8 @@ from qaconv_jax.errors import TrainingDiverged
 from qaconv_jax.logbook import Logbook, parameter_overview
 from qaconv_jax.models.model import build_model
 from qaconv_jax.optim import learning_rate, make_optimizer
-from qaconv_jax.train_state import create_train_state, pad_memory, unpad_memory
-from qaconv_jax.train_step import check_finite, make_train_step
+from qaconv_jax.train_state import create_train_state, unpad_memory
+from qaconv_jax.train_step import check_finite, mesh_train_step
 
 BEST_METRIC = "val_mAP"  # what <workdir>/best/ is selected by: plain QAConv on validation
 
@@ -78,28 +78,18 @@ def train_and_evaluate(config, workdir: str) -> dict:
   model = build_model(config.model)
   tx = make_optimizer(config.optim, per_epoch)
   mesh = sharding.make_mesh()
-  num_devices = mesh.shape["data"]
-  # The class memory is split over the devices (padded to a multiple of their count); the
-  # step's model matches against it where it lies. Checkpoints hold the unpadded state.
-  memory_axis = "data" if num_devices > 1 else None
-  step_model = build_model(config.model, memory_axis=memory_axis)
   eval_model = build_model(config.model, numerics=config.eval.dtype)  # validation
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   state = create_train_state(
     model, tx, jax.random.key(config.seed), tuple(data_cfg.image_size), num_classes, config.loss
   )
   state = jax.device_put(state, replicated)  # the checkpoint layout: restore targets it
-  state_sh = sharding.state_shardings(
-    pad_memory(state, num_devices).replace(apply_fn=step_model.apply), mesh
-  )
+  # The class memory is split over the devices (padded to a multiple of their count); the
+  # step's model matches against it where it lies. Checkpoints hold the unpadded state.
+  on_mesh = mesh_train_step(state, config.model, config.loss, mesh, num_classes)
   saved_state = jax.jit(
     functools.partial(unpad_memory, num_classes=num_classes), out_shardings=replicated
   )
-
-  def to_mesh(unpadded):
-    return jax.device_put(
-      pad_memory(unpadded, num_devices).replace(apply_fn=step_model.apply), state_sh
-    )
 
   meta = {
     "model": config.model.to_dict(),
@@ -145,7 +135,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       "ImageNet weights: see README, 'Pretrained weights').",
       flush=True,
     )
-  state = to_mesh(state)
+  state = on_mesh.place(state)
   # One global batch per step, whatever the number of hosts: the step IS the data position,
   # so a run resumes on any host count by starting the batch sequence there.
   batches = iterate(dataset[start:])
@@ -166,10 +156,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       )
 
   # ---------------------------------------------------------------- the step
-  batch_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-  step_fn = make_train_step(
-    config.loss, state_sh, batch_sh, num_classes=num_classes, memory_axis=memory_axis
-  )
+  step_fn = on_mesh.step
   rng = jax.random.key(config.seed + 1)
   last_good = start
 

@@ -13,16 +13,14 @@ import sys
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from configs.default import get_config
 from qaconv_jax import sharding
 from qaconv_jax.data.synthetic import make_identity_set
 from qaconv_jax.models.model import build_model
 from qaconv_jax.optim import make_optimizer
-from qaconv_jax.train_state import create_train_state, pad_memory, unpad_memory
-from qaconv_jax.train_step import make_train_step
+from qaconv_jax.train_state import create_train_state, unpad_memory
+from qaconv_jax.train_step import mesh_train_step
 
 NUM_CLASSES, BATCH = 7, 12  # 7 rows do not split over 4 devices; 12 images do
 
@@ -36,14 +34,8 @@ def setup(num_devices: int, memory_axis):
   state = create_train_state(
     model, tx, jax.random.key(0), tuple(cfg.data.image_size), NUM_CLASSES, cfg.loss
   )
-  step_model = build_model(cfg.model, memory_axis=memory_axis)
-  state = pad_memory(state, num_devices).replace(apply_fn=step_model.apply)
-  state_sh = sharding.state_shardings(state, mesh)
-  batch_sh = NamedSharding(mesh, P("data"))
-  step = make_train_step(
-    cfg.loss, state_sh, batch_sh, num_classes=NUM_CLASSES, memory_axis=memory_axis
-  )
-  return jax.device_put(state, state_sh), step, batch_sh, cfg
+  on_mesh = mesh_train_step(state, cfg.model, cfg.loss, mesh, NUM_CLASSES, memory_axis)
+  return on_mesh.place(state), on_mesh.step, on_mesh.batch_sharding, cfg
 
 
 def batches(cfg):

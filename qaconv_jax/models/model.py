@@ -162,10 +162,8 @@ def build_model(
   ``memory_axis``: the mesh axis the class memory is split over in training (runtime).
   """
   policy = resolve_numerics(cfg.dtype if numerics is None else numerics)
-  block = cfg.match_block
-  if block is not None and not isinstance(block, str):
-    block = tuple(block)
-  resolve_options(block, cfg.match_impl)  # fail now, not at the first trace
+  # Tiles resolved now ("auto" for this backend), so a bad value fails before any trace.
+  block = resolve_options(cfg.match_block, cfg.match_impl).block
   return QAConvModel(
     depth=cfg.depth,
     width=cfg.width,
