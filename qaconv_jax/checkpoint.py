@@ -129,9 +129,15 @@ def _restore(mngr, workdir, step, target, model_cfg, same):
     )
     restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
     return step, restored["state"], meta
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, serialization.to_state_dict(target))
+  template = serialization.to_state_dict(target)
+  # Fields the target leaves empty (None) that an older checkpoint never wrote (e.g.
+  # `TrainState.epoch_batches`, added later) are not asked of it; they stay None.
+  saved = set(mngr.item_metadata(step)["state"])
+  absent = {k: None for k, v in template.items() if v is None and k not in saved}
+  template = {k: v for k, v in template.items() if k not in absent}
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
   restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
-  return step, serialization.from_state_dict(target, restored["state"]), meta
+  return step, serialization.from_state_dict(target, {**restored["state"], **absent}), meta
 
 
 def _read_meta(mngr: ocp.CheckpointManager, step: int) -> dict:

@@ -3,12 +3,16 @@ its key, value and allowed range, not as a ZeroDivisionError hours into a run.""
 
 from __future__ import annotations
 
+import re
+
 import ml_collections
 
+from qaconv_jax.data.datasets import check_combine_all
 from qaconv_jax.data.splits import check_val_ids
 from qaconv_jax.errors import ConfigError
 from qaconv_jax.evaluation.rerank import check_rerank_params
 from qaconv_jax.models.matching import resolve_options
+from qaconv_jax.models.qaconv import EVAL_DISTANCES
 from qaconv_jax.numerics import NAMES as NUMERICS
 
 
@@ -37,6 +41,7 @@ def eval_problems(cfg: ml_collections.ConfigDict) -> list[str]:
       )
     else:
       out += _source_problem(f"eval.sources.{name}", cfg.sources[name])
+  distance = cfg.get("distance", "sigmoid")  # configs written before the key: the old default
   for key, value, ok, expected in (
     ("batch_size", cfg.batch_size, _is_count(cfg.batch_size, 1), "an integer >= 1"),
     ("memory_budget_gb", cfg.memory_budget_gb, cfg.memory_budget_gb > 0, "> 0"),
@@ -45,6 +50,7 @@ def eval_problems(cfg: ml_collections.ConfigDict) -> list[str]:
     ("tau", cfg.tau, cfg.tau > 0, "seconds > 0"),
     ("sigma", cfg.sigma, cfg.sigma > 0, "seconds > 0"),
     ("tlift_k", cfg.tlift_k, _is_count(cfg.tlift_k, 1), "an integer >= 1"),
+    ("distance", distance, distance in EVAL_DISTANCES, "'sigmoid' or 'neg_logit'"),
   ):
     if not ok:
       out.append(f"eval.{key}={value!r}: expected {expected}")
@@ -88,10 +94,14 @@ def train_problems(config: ml_collections.ConfigDict) -> list[str]:
         + (" (0 = none)" if minimum == 0 else "")
       )
   val_ids = config.data.val_ids
-  try:
-    check_val_ids(val_ids)
-  except ConfigError as e:
-    out.append(str(e).rstrip("."))
+  for check, args in (
+    (check_val_ids, (val_ids,)),
+    (check_combine_all, (config.data.dataset, config.data.get("combine_all", False))),
+  ):
+    try:
+      check(*args)
+    except ConfigError as e:
+      out.append(str(e).rstrip("."))
   if config.eval_every and not val_ids:
     out.append(
       f"eval_every={config.eval_every}: periodic evaluation runs on the validation "
@@ -101,6 +111,59 @@ def train_problems(config: ml_collections.ConfigDict) -> list[str]:
     out.append(
       "checkpoint.keep_best=True: selecting a checkpoint needs the validation split "
       "(data.val_ids) and eval_every > 0; a test set is never used to select one"
+    )
+  return out + recipe_problems(config)
+
+
+LOSSES = ("class_memory", "triplet", "pairwise_matching")
+SAMPLERS = ("shuffle", "pk", "graph")
+SCHEDULES = ("step", "constant", "plateau", "adaptive")
+
+
+def recipe_problems(config: ml_collections.ConfigDict) -> list[str]:
+  """Problems of the loss, sampler and optimiser choices (QAConv 2.1's among them)."""
+  out = []
+  loss, data, optim = config.loss.name, config.data, config.optim
+  if loss not in LOSSES:
+    out.append(f"loss.name={loss!r}: expected one of {list(LOSSES)}")
+  if data.sampler not in SAMPLERS:
+    out.append(f"data.sampler={data.sampler!r}: expected one of {list(SAMPLERS)}")
+  if optim.schedule not in SCHEDULES:
+    out.append(f"optim.schedule={optim.schedule!r}: expected one of {list(SCHEDULES)}")
+  if loss in LOSSES[1:] and data.sampler == "shuffle":
+    out.append(
+      f"loss.name={loss!r} compares the images of a batch with each other, so every batch "
+      "needs K images per identity: set data.sampler to 'graph' (QAConv 2.1) or 'pk'"
+    )
+  if data.sampler in ("pk", "graph"):
+    k = data.pk_k
+    if not _is_count(k, 1) or data.batch_size % k or data.batch_size // k < 2:
+      out.append(
+        f"data.pk_k={k!r} with data.batch_size={data.batch_size}: expected K >= 1 dividing "
+        "the batch into at least 2 identities"
+      )
+  if loss in LOSSES[1:] and config.init_memory:
+    out.append(f"init_memory=True: loss.name={loss!r} trains without a class memory")
+  if not optim.clip_norm >= 0:
+    out.append(f"optim.clip_norm={optim.clip_norm!r}: expected >= 0 (0 = no clipping)")
+  elif optim.clip_norm and not optim.clip_groups:
+    out.append(
+      "optim.clip_norm > 0 needs optim.clip_groups, the parameter path regexes clipped "
+      "separately (QAConv 2.1: '^(backbone|neck)/', '^qaconv/')"
+    )
+  if optim.schedule == "adaptive" and not optim.step_factor > 0:
+    out.append(f"optim.step_factor={optim.step_factor!r}: expected a loss ratio > 0")
+  if not 0 < optim.decay_factor <= 1:
+    out.append(f"optim.decay_factor={optim.decay_factor!r}: expected a factor in (0, 1]")
+  for rx in [*optim.clip_groups, *(rx for rx, _ in optim.lr_multipliers)]:
+    try:
+      re.compile(rx)
+    except re.error as e:
+      out.append(f"optim: the path regex {rx!r} does not compile ({e})")
+  if data.get("combine_all") and "msmt17" in testset_names(config.eval):
+    out.append(
+      "data.combine_all=True trains on MSMT17's query and gallery images: testing on "
+      "msmt17 would test on training images; drop it from eval.testsets"
     )
   return out
 

@@ -52,6 +52,7 @@ __all__ = [
   "Conversion",
   "ConversionError",
   "convert",
+  "eval_distance_advice",
   "read_state_dict",
   "torch_name",
   "write",
@@ -132,7 +133,33 @@ def convert(
   conv.report.insert(
     0, f"converted {len(used)} tensors ({n:,} values) from the {kind}: {_describe(model)}"
   )
+  advice = eval_distance_advice(model)
+  if advice:
+    conv.report.append(advice)
   return conv
+
+
+def eval_distance_advice(model: dict) -> str | None:
+  """The ``config.eval.distance`` that reproduces the authors' numbers for ``model`` (None
+  for a backbone alone). Only the v2 head exists in QAConv 2.1 (neck v2.1), and only the
+  authors' master, since commit 1e50faa, evaluates with ``-logit``; v1.x, v2.0 and the v2.1
+  tag use ``1 - sigmoid(logit / 10)`` (docs/method.md §5, §10)."""
+  if "head" not in model:
+    return None
+  if model["head"] == "v2":
+    return (
+      "evaluation distance: a QAConv 2.1-style model (head v2, neck "
+      f"{model.get('neck_version')}). To reproduce the +RR and +RR+TLift numbers of the "
+      "authors' current code (master: distance -logit), evaluate with "
+      "--config.eval.distance=neg_logit; the default --config.eval.distance=sigmoid "
+      "(1 - sigmoid(logit/10)) reproduces the v2.1 tag and v1.x. Plain QAConv numbers are "
+      "the same under both."
+    )
+  return (
+    f"evaluation distance: a QAConv 1.x-style model (head {model['head']}): evaluate with "
+    "--config.eval.distance=sigmoid (the default, 1 - sigmoid(logit/10)), as the authors' "
+    "v1.x code does."
+  )
 
 
 def _strip_data_parallel(flat: dict) -> dict:

@@ -70,9 +70,12 @@ class Logbook:
         flush=True,
       )
 
-  def restart_clock(self) -> None:
-    """Leave time spent outside training (evaluation) out of the next img/s and ETA."""
+  def restart_clock(self, step: int | None = None) -> None:
+    """Leave time spent outside training (evaluation, the graph step) out of the next img/s
+    and ETA; ``step``: the steps done so far, when the last log was at an earlier one."""
     self.last_time = time.perf_counter()
+    if step is not None and self.last_step is not None:
+      self.last_step = step
 
   def close(self) -> None:
     if self.main:

@@ -27,12 +27,14 @@ def state_shardings(state, mesh):
   """Replicated everywhere except the class memory and its flags (class axis on "data";
   the memory must be padded to a multiple of the device count first)."""
   n = mesh.shape["data"]
+  replicated = NamedSharding(mesh, P())
+  if state.class_memory is None:  # QAConv 2.1: no memory
+    return jax.tree.map(lambda _: replicated, state)
   if state.class_memory.shape[0] % n:
     raise ValueError(
       f"a class memory of {state.class_memory.shape[0]} rows does not split over {n} "
       "devices: pad it first (qaconv_jax.memory.pad_class_memory)."
     )
-  replicated = NamedSharding(mesh, P())
   return jax.tree.map(lambda _: replicated, state).replace(
     class_memory=NamedSharding(mesh, P("data")), memory_valid=NamedSharding(mesh, P("data"))
   )

@@ -63,7 +63,18 @@ def test_shipped_configs_pass(name, variant):
     ("eval.k1", 0, r"eval.k1=0: expected an integer >= 1"),
     ("eval.sigma", 0.0, r"eval.sigma=0.0: expected seconds > 0"),
     ("eval.ap_mode", "auc", r"eval.ap_mode='auc': expected 'step' or 'trapezoid'"),
+    ("eval.distance", "logit", r"eval.distance='logit': expected 'sigmoid' or 'neg_logit'"),
+    (
+      "data.combine_all",
+      True,
+      r"data.combine_all=True with data.dataset='market1501': .* msmt17 only",
+    ),
     ("eval.testsets", "synthetic_b,market", r"eval.testsets: unknown test set 'market'"),
+    ("loss.name", "arcface", r"loss.name='arcface': expected one of \['class_memory'"),
+    ("data.sampler", "random", r"data.sampler='random': expected one of"),
+    ("optim.schedule", "cosine", r"optim.schedule='cosine': expected one of"),
+    ("data.pk_k", 3, r"data.pk_k=3 with data.batch_size=16: expected K >= 1 dividing"),
+    ("optim.clip_norm", 8.0, r"optim.clip_norm > 0 needs optim.clip_groups"),
     (
       "eval.testsets",
       "dukemtmc",
@@ -117,3 +128,37 @@ def test_runtime_knobs_are_not_model_identity():
   assert resolve_options("auto", "xla", backend="cpu").block == DEFAULT_BLOCK
   assert resolve_options("auto", "xla", backend="gpu").block == ACCELERATOR_BLOCK
   assert resolve_options(None, "xla").block is None
+
+
+def test_qaconv21_combinations_are_checked():
+  from configs.gs_msmt_all import get_config as gs_config
+
+  config = gs_config("tiny")
+  config.data.sampler = "shuffle"
+  config.optim.step_factor = 0.0
+  config.optim.clip_groups = ("^(backbone|neck/",)
+  config.init_memory = True
+  with pytest.raises(ConfigError) as e:
+    check_config(config, training=True)
+  for message in (
+    "loss.name='triplet' compares the images of a batch with each other",
+    "optim.step_factor=0.0: expected a loss ratio > 0",
+    "optim: the path regex '^(backbone|neck/' does not compile",
+    "init_memory=True: loss.name='triplet' trains without a class memory",
+  ):
+    assert message in str(e.value)
+  full = gs_config()
+  full.data.root = "/datasets/msmt17"
+  full.eval.testsets = "market1501,msmt17"
+  with pytest.raises(ConfigError, match="would test on training images"):
+    check_config(full, training=True)
+
+
+def test_demo_graph_sampling_variant_has_the_class_memory_runs_budget():
+  cm, gs = get_config(), get_config("gs")
+  check_config(gs, training=True)
+  train_ids = cm.data.synthetic_ids // 2
+  cm_steps = cm.num_epochs * (train_ids // (cm.data.batch_size // cm.data.pk_k))
+  gs_steps = gs.num_epochs * train_ids  # a graph epoch: one batch per class
+  assert gs.data.sampler == "graph" and gs.loss.name == "triplet"
+  assert cm_steps - train_ids < gs_steps <= cm_steps

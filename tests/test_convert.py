@@ -66,6 +66,21 @@ def test_class_memory_is_converted_to_nhwc():
   assert conv.memory_valid.all() and any("v1.0" in line for line in conv.report)
 
 
+def test_the_report_says_which_eval_distance_reproduces_the_authors():
+  v2 = convert.convert(parity.load("qaconv_v2_r50_ibn_b_w4")[0])
+  advice = [line for line in v2.report if line.startswith("evaluation distance")]
+  assert len(advice) == 1 and advice[0] == convert.eval_distance_advice(v2.model)
+  assert "--config.eval.distance=neg_logit" in advice[0] and "master" in advice[0]
+  assert "sigmoid" in advice[0] and "v2.1 tag" in advice[0]
+  v1 = convert.convert(parity.load("qaconv_v1_r18_w4")[0])
+  advice = [line for line in v1.report if line.startswith("evaluation distance")]
+  assert len(advice) == 1 and "--config.eval.distance=sigmoid (the default" in advice[0]
+  assert "neg_logit" not in advice[0]
+  backbone = convert.convert(parity.load("resnet18_w4")[0])  # nothing to evaluate
+  assert not any("evaluation distance" in line for line in backbone.report)
+  assert convert.eval_distance_advice(backbone.model) is None
+
+
 def test_known_unused_entries_are_reported_not_dropped():
   conv = convert.convert(parity.load("qaconv_v1_r18_w4")[0])
   report = "\n".join(conv.report)
@@ -132,9 +147,12 @@ def test_data_parallel_prefix_is_stripped():
 def test_cli_writes_a_checkpoint_that_restores(tmp_path, capsys):
   src = str(parity.FIXTURES / "qaconv_v2_r50_ibn_b_w4.state.npz")
   conv = convert.main(["--from", src, "--to", str(tmp_path)])
-  assert "eval.py" in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert "eval.py" in out and "--config.eval.distance=neg_logit" in out
+  assert convert.eval_distance_advice(conv.model) in out.splitlines()  # printed
   step, state, meta = checkpoint.restore_with_meta(str(tmp_path), model_cfg=conv.model)
   assert step == 0 and meta["model"] == conv.model and meta["num_classes"] == 10
+  assert convert.eval_distance_advice(conv.model) in meta["report"]  # and kept
   restored = traverse_util.flatten_dict({c: state[c] for c in conv.variables})
   expected = traverse_util.flatten_dict(conv.variables)
   assert restored.keys() == expected.keys()
@@ -200,7 +218,7 @@ def fresh_state():
     jax.random.key(0),
     (80, 48),
     10,
-    ml_collections.ConfigDict({"all_valid": False}),
+    ml_collections.ConfigDict({"name": "class_memory", "all_valid": False}),
   )
 
 

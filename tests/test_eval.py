@@ -189,7 +189,8 @@ def test_eval_py_end_to_end(tiny_config, tmp_path):
   assert not re.search(r"^I\d{4} ", proc.stderr, re.M), proc.stderr[-2000:]  # no INFO logs
   with open(os.path.join(workdir, "eval", "results.json")) as f:
     results = json.load(f)
-  assert results["step"] == 7
+  assert results["step"] == 7 and results["distance"] == "sigmoid"
+  assert "step 7, eval.distance=sigmoid" in proc.stdout
   methods = results["testsets"]["synthetic_b"]
   assert list(methods) == ["QAConv", "QAConv+TLift", "QAConv+RR", "QAConv+RR+TLift"]
   for r in methods.values():

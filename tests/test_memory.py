@@ -75,8 +75,10 @@ def test_step_reads_memory_before_writing(tiny_state, tiny_data, rng):
   np.testing.assert_allclose(float(metrics["loss"]), loss_old, rtol=1e-5)
   mem = np.asarray(new_state.class_memory)
   # Rows of the batch's classes hold this batch's features (the later duplicate wins) ...
+  # (atol: the jitted step and the eager forward round differently; another image's features
+  # differ by ~0.1)
   for row, label in ((0, 0), (4, 1), (5, 2), (3, 3)):
-    np.testing.assert_allclose(mem[label], np.asarray(feats[row]), atol=1e-6)
+    np.testing.assert_allclose(mem[label], np.asarray(feats[row]), atol=1e-5)
   # ... and the rest is untouched.
   np.testing.assert_array_equal(mem[4:], np.asarray(old_memory[4:]))
   # The check has teeth: the loss against the written memory is different.

@@ -237,3 +237,13 @@ def test_model_submodules_and_call(rng):
     variables, x, memory
   )
   assert feats.shape == (3, 4, 2, 8) and logits.shape == (3, 5)
+
+
+def test_final_stage_layer2_gives_stride_8_maps_and_no_layer3(rng):
+  model = QAConvModel(depth=18, width=8, neck_dim=8, final_stage="layer2")
+  x = jnp.asarray(rng.uniform(size=(2, 64, 32, 3)), jnp.float32)
+  variables = jax.jit(model.init, static_argnames="train")(jax.random.key(0), x, train=False)
+  assert not any(k.startswith("layer3") for k in variables["params"]["backbone"])
+  assert variables["params"]["neck"]["conv"]["kernel"].shape == (3, 3, 16, 8)  # layer2: 2x8
+  feats = model.apply(variables, x, train=False, method=QAConvModel.embed)
+  assert feats.shape == (2, 8, 4, 8)  # 64x32 / 8

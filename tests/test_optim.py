@@ -5,7 +5,15 @@ import ml_collections
 import numpy as np
 import pytest
 
-from qaconv_jax.optim import group_labels, learning_rate, lr_schedule, make_optimizer
+from qaconv_jax.errors import ConfigError
+from qaconv_jax.optim import (
+  clip_by_group_norm,
+  final_epoch,
+  group_labels,
+  learning_rate,
+  lr_schedule,
+  make_optimizer,
+)
 
 
 def _cfg(**kw):
@@ -19,6 +27,9 @@ def _cfg(**kw):
     weight_decay=5e-4,
     lr_multipliers=(("^backbone/", 0.1),),
     plateau_patience=2,
+    step_factor=0.7,
+    clip_norm=0.0,
+    clip_groups=(),
   )
   base.update(kw)
   return ml_collections.ConfigDict(base)
@@ -98,3 +109,104 @@ def test_plateau_scales_updates_down_when_the_loss_stops_improving():
   # epoch 4; two more flat epochs -> x0.1 again (PyTorch's rule with cooldown 0).
   np.testing.assert_allclose(sizes, [0.01] * 7 + [0.001] * 4 + [0.0001], rtol=1e-5)
   np.testing.assert_allclose(lrs, sizes, rtol=1e-5)
+
+
+def authors_adaptive(epoch_losses, max_epochs, step_factor):
+  """The schedule loop of the authors' v2.1 main.py, per epoch: (lr factor of each epoch,
+  final_epochs)."""
+  base_loss, final_epochs, stepped, factor, factors = None, max_epochs, False, 1.0, []
+  for epoch, loss in enumerate(epoch_losses):
+    factors.append(factor)
+    if epoch == 1:
+      base_loss = loss
+    epoch1 = epoch + 1
+    if not stepped and base_loss is not None and loss < base_loss * step_factor:
+      stepped, final_epochs, factor = True, min(max_epochs, epoch1 + epoch1 // 2), factor * 0.1
+    if epoch1 == final_epochs:
+      break
+  return factors, final_epochs
+
+
+@pytest.mark.parametrize(
+  "epoch_losses",
+  [
+    [9.0, 8.0, 7.0, 6.0, 5.5, 5.0, 4.0, 3.0, 2.0, 1.0],  # steps after epoch 5 (5.5 < 5.6)
+    [9.0, 8.0, 5.0, 3.0, 1.0, 0.5, 0.4, 0.3, 0.2, 0.1],  # at once after epoch 3
+    [1.0, 8.0, 7.0, 7.0, 7.0, 7.0, 7.0, 7.0, 7.0, 7.0],  # never: epoch 1 is not the base
+  ],
+)
+def test_adaptive_schedule_follows_the_authors_loop(epoch_losses):
+  per_epoch, max_epochs = 3, 10
+  params = {"neck": {"w": np.ones(2, np.float32)}}
+  cfg = _cfg(schedule="adaptive", weight_decay=0.0, momentum=0.0, nesterov=False)
+  tx = make_optimizer(cfg, steps_per_epoch=per_epoch, num_epochs=max_epochs)
+  state = tx.init(params)
+  grads = {"neck": {"w": np.ones(2, np.float32)}}
+  want_factors, want_final = authors_adaptive(epoch_losses, max_epochs, 0.7)
+  sizes, finals = [], []
+  for loss in epoch_losses[: len(want_factors)]:
+    # Step losses around the epoch mean: the schedule must average them.
+    for offset in (-0.5, 0.25, 0.25):
+      updates, state = tx.update(grads, state, params, value=np.float32(loss + offset))
+      sizes.append(float(-updates["neck"]["w"][0]))
+    finals.append(final_epoch(state))
+  np.testing.assert_allclose(sizes, np.repeat(want_factors, per_epoch) * 0.01, rtol=1e-5)
+  assert finals[-1] == want_final
+  assert learning_rate(state) == pytest.approx(0.01 * (0.1 if want_final < max_epochs else 1))
+  with pytest.raises(ConfigError, match="num_epochs"):
+    make_optimizer(cfg, steps_per_epoch=per_epoch)
+
+
+def test_group_clipping_follows_torch_clip_grad_norm_per_group(rng):
+  params = {
+    "backbone": {"w": np.zeros((3, 2), np.float32)},
+    "neck": {"w": np.zeros(4, np.float32)},
+    "qaconv": {"fc": np.zeros(2, np.float32), "bn": np.zeros(1, np.float32)},
+  }
+  grads = {
+    "backbone": {"w": 5 * rng.normal(size=(3, 2)).astype(np.float32)},
+    "neck": {"w": 5 * rng.normal(size=4).astype(np.float32)},
+    "qaconv": {"fc": np.array([0.3, 0.4], np.float32), "bn": np.zeros(1, np.float32)},
+  }
+  tx = clip_by_group_norm(8.0, ("^(backbone|neck)/", "^qaconv/"))
+  clipped, _ = tx.update(grads, tx.init(params))
+  model = np.concatenate([grads["backbone"]["w"].ravel(), grads["neck"]["w"]]).astype(np.float64)
+  scale = min(1.0, 8.0 / (np.linalg.norm(model) + 1e-6))  # torch.nn.utils.clip_grad_norm_
+  assert scale < 1  # the model group is clipped ...
+  np.testing.assert_allclose(clipped["neck"]["w"], grads["neck"]["w"] * scale, rtol=1e-5)
+  np.testing.assert_allclose(clipped["backbone"]["w"], grads["backbone"]["w"] * scale, rtol=1e-5)
+  np.testing.assert_array_equal(clipped["qaconv"]["fc"], grads["qaconv"]["fc"])  # ... alone
+  with pytest.raises(ConfigError, match="do not cover every parameter"):
+    clip_by_group_norm(8.0, ("^backbone/",)).init(params)
+
+
+def test_clipping_comes_before_weight_decay_and_momentum(rng):
+  """torch: clip_grad_norm_ on the raw gradients (model and matcher apart), then SGD adds the
+  weight decay and updates the momentum buffer."""
+  params = {
+    "backbone": {"w": rng.normal(size=(3, 2)).astype(np.float32)},
+    "qaconv": {"w": rng.normal(size=(4,)).astype(np.float32)},
+  }
+  grads_seq = [
+    jax.tree.map(lambda a: 20 * rng.normal(size=a.shape).astype(np.float32), params)
+    for _ in range(4)
+  ]
+  cfg = _cfg(schedule="constant", clip_norm=8.0, clip_groups=("^backbone/", "^qaconv/"))
+  cfg.weight_decay = 0.5  # large, so decay before the clip would change the result visibly
+  tx = make_optimizer(cfg, steps_per_epoch=2)
+  opt_state, p = tx.init(params), params
+  for g in grads_seq:
+    updates, opt_state = tx.update(g, opt_state, p)
+    p = jax.tree.map(lambda a, u: a + u, p, updates)
+  flat = lambda t: {"backbone": t["backbone"]["w"], "qaconv": t["qaconv"]["w"]}
+  clipped = [
+    {
+      k: v * min(1.0, 8.0 / (np.linalg.norm(v.astype(np.float64)) + 1e-6))
+      for k, v in flat(g).items()
+    }
+    for g in grads_seq
+  ]
+  lrs = [{"backbone": 0.001, "qaconv": 0.01}] * len(grads_seq)
+  want = torch_sgd_ref(flat(params), clipped, lrs, 0.9, 0.5)
+  for k in want:
+    np.testing.assert_allclose(np.asarray(flat(p)[k]), want[k], rtol=1e-5, atol=1e-6)

@@ -8,7 +8,6 @@ import socket
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 
@@ -16,6 +15,7 @@ from configs.default import get_config
 from qaconv_jax import checkpoint
 from qaconv_jax.evaluation import testset
 from qaconv_jax.training import train_and_evaluate
+from tests.runs import checkpoint_leaves, tiny_run_config
 
 _REAL_EVALUATE_TESTSET = testset.evaluate_testset
 
@@ -23,23 +23,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _cfg(**overrides):
-  cfg = get_config("tiny")
-  cfg.eval.testsets = ""  # evaluation has its own tests
-  for k, v in overrides.items():
-    target = cfg
-    *parts, last = k.split(".")
-    for part in parts:
-      target = target[part]
-    target[last] = v
-  return cfg
+  return tiny_run_config(get_config, **overrides)
 
 
-def _leaves(workdir):
-  step, state = checkpoint.restore_latest(workdir)
-  return step, {
-    jax.tree_util.keystr(p): np.asarray(v)
-    for p, v in jax.tree_util.tree_flatten_with_path(state)[0]
-  }
+_leaves = checkpoint_leaves
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,9 @@
 ``gallery`` are lists of ``Record(path, pid, camera, time)``: junk (pid -1) dropped,
 distractors (pid 0) kept, train pids relabelled 0..N-1 in sorted order, query/gallery pids
 raw, cameras 0-based, times in seconds (NaN where the dataset has none).
+
+``CombinedSource`` joins a dataset's train, query and gallery sources into one training set
+(MSMT17-all, ``config.data.combine_all``).
 """
 
 from __future__ import annotations
@@ -14,8 +17,10 @@ import os
 import re
 from collections.abc import Callable
 
+import numpy as np
+
 from qaconv_jax.data import timestamps
-from qaconv_jax.errors import DataError
+from qaconv_jax.errors import ConfigError, DataError
 
 SPLIT_DIRS = {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}
 MSMT_LISTS = {
@@ -249,3 +254,54 @@ def load_dataset(name: str, root: str) -> ReidDataset:
         f"(all junk?); expected {_layout(name)}."
       )
   return ReidDataset(name, root, _relabel(splits["train"]), splits["query"], splits["gallery"])
+
+
+# The datasets whose test images may join training: the authors' --combine_all exists for
+# MSMT17 only (reid/datasets/msmt.py); their market.py and cuhk.py assert it is off.
+COMBINE_ALL = ("msmt17",)
+
+
+def check_combine_all(dataset: str, combine_all: bool) -> None:
+  """Raises `ConfigError` when ``combine_all`` is asked of a dataset not in `COMBINE_ALL`."""
+  if combine_all and dataset not in COMBINE_ALL:
+    raise ConfigError(
+      f"data.combine_all=True with data.dataset={dataset!r}: combining train, query and "
+      "gallery for training is defined for msmt17 only (MSMT17-all, as the authors' "
+      "--combine_all in reid/datasets/msmt.py)."
+    )
+
+
+class CombinedSource:
+  """Train + query + gallery of one dataset as one training source (MSMT17-all).
+
+  Images in that order. ``pids [N_train + N_query + N_gallery]``: the training ids
+  relabelled ``0..N-1`` (sorted), then the test ids of query and gallery together relabelled
+  ``N..N+M-1`` (sorted), so a query and a gallery image of one person share an id. The
+  authors add the number of training ids to the raw test ids (reid/datasets/msmt.py); on
+  MSMT17, whose ids run 0..1040 and 0..3059, that is the same labelling, 4,101 classes.
+  ``cameras``, ``times`` and ``names`` are carried through; ``[i]`` is the part's item with
+  its ``"pid"`` relabelled. Any sources with the interface of ``pipeline.FolderSource``
+  (``pids``, ``cameras``, ``times``, ``names``, ``len``, ``[i]``) work.
+  """
+
+  def __init__(self, train, query, gallery):
+    self.parts = (train, query, gallery)
+    self.starts = np.cumsum([0] + [len(p) for p in self.parts])  # [4]
+    train_raw, train_ids = np.unique(np.asarray(train.pids), return_inverse=True)
+    test_pids = np.concatenate([np.asarray(query.pids), np.asarray(gallery.pids)])
+    _, test_ids = np.unique(test_pids, return_inverse=True)
+    self.pids = np.concatenate([train_ids, test_ids + len(train_raw)]).astype(np.int64)
+    self.cameras = np.concatenate([np.asarray(p.cameras) for p in self.parts]).astype(np.int64)
+    self.times = np.concatenate([np.asarray(p.times) for p in self.parts]).astype(np.float64)
+    self.names = [n for p in self.parts for n in p.names]
+
+  def __len__(self) -> int:
+    return int(self.starts[-1])
+
+  def __getitem__(self, i: int) -> dict:
+    i = int(i)
+    if not 0 <= i < len(self):
+      raise IndexError(f"index {i} outside a combined source of {len(self)} images.")
+    part = int(np.searchsorted(self.starts, i, side="right")) - 1
+    ex = self.parts[part][i - int(self.starts[part])]
+    return {**ex, "pid": int(self.pids[i])}

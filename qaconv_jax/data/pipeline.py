@@ -21,7 +21,7 @@ import grain
 import numpy as np
 
 from qaconv_jax.data.augment import augment, decode
-from qaconv_jax.data.datasets import load_dataset
+from qaconv_jax.data.datasets import CombinedSource, check_combine_all, load_dataset
 from qaconv_jax.errors import ConfigError, DataError, MissingFile
 
 
@@ -50,17 +50,29 @@ class FolderSource:
 
 def open_source(cfg, split: str):
   """``config.data`` -> the ``split`` ("train", "query" or "gallery") as a random-access source:
-  a prepared TFDS dataset when ``cfg.tfds_dir`` is set, else the raw folder ``cfg.root``."""
+  a prepared TFDS dataset when ``cfg.tfds_dir`` is set, else the raw folder ``cfg.root``.
+
+  With ``cfg.combine_all`` (MSMT17 only) "train" is train + query + gallery, the test ids
+  relabelled after the training ones (`CombinedSource`); query and gallery are unchanged.
+  """
+  combine = split == "train" and bool(cfg.get("combine_all"))
+  check_combine_all(cfg.dataset, combine)
   if cfg.tfds_dir:
     from qaconv_jax.data.tfds_builders import TfdsSource  # tfds only when asked for
 
-    return TfdsSource(cfg.dataset, split, cfg.tfds_dir)
-  if cfg.root:
-    return FolderSource(getattr(load_dataset(cfg.dataset, cfg.root), split))
-  raise ConfigError(
-    "no data: set config.data.root (the dataset's folder) or "
-    "config.data.tfds_dir (prepared with python -m qaconv_jax.data.prepare)."
-  )
+    def one(s):
+      return TfdsSource(cfg.dataset, s, cfg.tfds_dir)
+  elif cfg.root:
+    ds = load_dataset(cfg.dataset, cfg.root)
+
+    def one(s):
+      return FolderSource(getattr(ds, s))
+  else:
+    raise ConfigError(
+      "no data: set config.data.root (the dataset's folder) or "
+      "config.data.tfds_dir (prepared with python -m qaconv_jax.data.prepare)."
+    )
+  return CombinedSource(one("train"), one("query"), one("gallery")) if combine else one(split)
 
 
 def materialize_synthetic(cfg, data_root: str, write: bool = True, timeout: float = 600.0):
@@ -147,11 +159,39 @@ class HostSlice:
 
   def __getitem__(self, i: int) -> tuple[int, int]:
     pos = (i // self.local) * self.global_batch + self.host * self.local + i % self.local
-    return pos, self.order[pos]
+    return pos, int(self.order[pos])
 
 
 def _stack(elements: Sequence[dict]) -> dict:
   return {k: np.stack([e[k] for e in elements]) for k in elements[0]}
+
+
+def _loader(source, cfg, seed: int, first_position: int = 0):
+  """``(position, dataset index) -> example``: decoded and augmented with randomness drawn
+  from ``(seed, global position)``, ``first_position`` + the position in the order."""
+  size = tuple(cfg.image_size)
+
+  def load(item):
+    pos, idx = item
+    ex = source[idx]
+    rng = np.random.default_rng([seed, first_position + pos, 2])
+    img = augment(decode(ex["image"], ex["where"]), size, cfg.augment, rng)
+    return {
+      "image": img.astype(np.float32) / 255.0,
+      "label": np.int32(ex["pid"]),
+      "camera": np.int32(ex["camera"]),
+    }
+
+  return load
+
+
+def _batched(order, source, cfg, seed: int, host: int, num_hosts: int, first_position: int = 0):
+  local = cfg.batch_size // num_hosts
+  return (
+    grain.MapDataset.source(HostSlice(order, cfg.batch_size, host, num_hosts))
+    .map(_loader(source, cfg, seed, first_position))
+    .batch(local, drop_remainder=True, batch_fn=_stack)
+  )
 
 
 def train_dataset(
@@ -160,40 +200,51 @@ def train_dataset(
   """Batches ``{"image": [b, H, W, 3] float32 in [0, 1], "label": [b] int32, "camera"}``.
 
   ``cfg`` is ``config.data``: ``image_size``, ``batch_size`` (global), ``sampler``
-  ("shuffle" or "pk"), ``pk_k`` (K; P = batch_size / K), ``augment``.
+  ("shuffle" or "pk"; "graph" epochs come from `graph_epoch_dataset`), ``pk_k`` (K; P =
+  batch_size / K), ``augment``.
   """
-  size = tuple(cfg.image_size)
   if cfg.sampler == "pk":
-    if cfg.batch_size % cfg.pk_k:
-      raise ConfigError(f"batch_size {cfg.batch_size} is not a multiple of pk_k {cfg.pk_k}.")
+    check_pk(cfg)
     order = PKOrder(source.pids, cfg.batch_size // cfg.pk_k, cfg.pk_k, num_epochs, seed)
   elif cfg.sampler == "shuffle":
     order = EpochOrder(len(source), cfg.batch_size, num_epochs, seed)
   else:
-    raise ConfigError(f"data.sampler must be 'shuffle' or 'pk', got {cfg.sampler!r}.")
+    raise ConfigError(
+      f"train_dataset reads data.sampler 'shuffle' or 'pk', got {cfg.sampler!r} (the graph "
+      "sampler's epochs: graph_epoch_dataset)."
+    )
+  return _batched(order, source, cfg, seed, host, num_hosts)
 
-  def load(item):
-    pos, idx = item
-    ex = source[idx]
-    rng = np.random.default_rng([seed, pos, 2])
-    img = augment(decode(ex["image"], ex["where"]), size, cfg.augment, rng)
-    return {
-      "image": img.astype(np.float32) / 255.0,
-      "label": np.int32(ex["pid"]),
-      "camera": np.int32(ex["camera"]),
-    }
 
-  local = cfg.batch_size // num_hosts
-  return (
-    grain.MapDataset.source(HostSlice(order, cfg.batch_size, host, num_hosts))
-    .map(load)
-    .batch(local, drop_remainder=True, batch_fn=_stack)
-  )
+def graph_epoch_dataset(
+  source, cfg, batches: np.ndarray, *, seed: int, first_step: int, host: int = 0, num_hosts: int = 1
+) -> grain.MapDataset:
+  """One graph-sampler epoch as `train_dataset` batches: ``batches [steps, batch_size]``
+  dataset indices (`qaconv_jax.data.graph_sampler.graph_batches`), the epoch starting after
+  global step ``first_step`` (augmentation randomness follows the global position, so the
+  n-th batch of the run is augmented alike however the run was interrupted)."""
+  batches = np.asarray(batches)
+  if batches.ndim != 2 or batches.shape[1] != cfg.batch_size:
+    raise ValueError(
+      f"graph epoch batches must be [steps, {cfg.batch_size}], got {list(batches.shape)}."
+    )
+  order = batches.reshape(-1)  # [steps * batch_size]
+  return _batched(order, source, cfg, seed, host, num_hosts, first_step * cfg.batch_size)
+
+
+def check_pk(cfg) -> None:
+  """The batch must hold whole groups of K images (P x K and graph sampling)."""
+  if cfg.batch_size % cfg.pk_k:
+    raise ConfigError(f"batch_size {cfg.batch_size} is not a multiple of pk_k {cfg.pk_k}.")
 
 
 def steps_per_epoch(source, cfg) -> int:
+  """``pk``: P identities per batch, each once; ``graph``: one batch per identity (the
+  authors' graph sampler: every class anchors one batch an epoch)."""
   if cfg.sampler == "pk":
     return len(np.unique(source.pids)) // (cfg.batch_size // cfg.pk_k)
+  if cfg.sampler == "graph":
+    return len(np.unique(source.pids))
   return len(source) // cfg.batch_size
 
 

@@ -1,11 +1,11 @@
-"""Synthetic re-ID data: structured persons seen by the cameras of two domains.
+"""Synthetic re-ID data: uniformed groups of people seen by the cameras of two domains.
 
-Each identity is a set of clothing colours and accessories; each image renders it in a
-figure coordinate frame (u across the body, v down from the head) mapped from pixels by a
-random affine transform, so detector shifts, scale changes and crops come from the same
-mechanism; viewpoint (front/back mirrors the accessories), occluders, blur and noise are
-drawn per image. Each camera has its own background and illumination, and the domains
-``a`` and ``b`` differ in cameras, palettes, backgrounds and image statistics.
+People come in groups that wear one uniform and differ only in local parts
+(`synthetic_persons`): the trim of the top, textured chest and knee patches, a hat, a bag,
+hair and shoes, all coloured from the group's accents. Each camera has its own background
+and illumination, and the domains ``a`` (source) and ``b`` (target) differ in cameras,
+palettes and image statistics; ``b`` also has a sloppier detector (larger shifts and scale
+changes, crops) and more people partly hidden behind objects.
 
 ``python -m qaconv_jax.data.synthetic --out DIR --domain a --num-ids 500 --seed 0`` writes a
 Market-1501 tree (``bounding_box_train/``, ``bounding_box_test/``, ``query/``, distractors
@@ -21,127 +21,27 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from qaconv_jax.data.crowd import simulate_walks
+from qaconv_jax.data.synthetic_persons import random_person, random_uniform, render_person
 from qaconv_jax.errors import ConfigError
 
 
-@dataclasses.dataclass(frozen=True)
-class Identity:
-  """Appearance of one person. Colours are RGB in [0, 1]."""
-
-  skin: np.ndarray
-  hair: np.ndarray
-  top: np.ndarray
-  top_pattern: str  # "solid" | "stripes" | "split"
-  top_second: np.ndarray
-  bottom: np.ndarray
-  shoes: np.ndarray
-  bag_side: int  # -1 left, +1 right, 0 none (as seen from the front)
-  bag: np.ndarray
-  hat: bool
-  height: float  # relative body height
-
-
-def random_identity(rng: np.random.Generator, palette_shift: float = 0.0) -> Identity:
-  """Draws one identity; ``palette_shift`` in [0, 1) rotates clothing hues (a domain knob)."""
-
-  def colour():
-    c = rng.uniform(0.05, 0.95, 3)
-    return np.roll(c, int(palette_shift * 3)) if palette_shift else c
-
-  return Identity(
-    skin=np.array([0.9, 0.72, 0.58]) * rng.uniform(0.55, 1.0),
-    hair=rng.uniform(0.0, 0.35, 3),
-    top=colour(),
-    top_pattern=str(rng.choice(["solid", "stripes", "split"])),
-    top_second=colour(),
-    bottom=colour(),
-    shoes=rng.uniform(0.0, 0.4, 3),
-    bag_side=int(rng.choice([-1, 0, 1])),
-    bag=colour(),
-    hat=bool(rng.random() < 0.3),
-    height=float(rng.uniform(0.9, 1.05)),
-  )
-
-
-def _box(u, v, u0, u1, v0, v1):
-  return (u >= u0) & (u < u1) & (v >= v0) & (v < v1)
-
-
-def render_person(
-  ident: Identity,
-  rng: np.random.Generator,
-  size: tuple[int, int] = (128, 64),
-  background: np.ndarray | None = None,
-  misalign: float = 1.0,
-  occlude: bool = True,
-  noise: float = 0.03,
-) -> np.ndarray:
-  """One image ``[H, W, 3]`` uint8 of ``ident``.
-
-  ``misalign`` scales the random shift/scale of the detection box; the viewpoint (front or
-  back: the bag changes side) is drawn per image; ``occlude`` may hide a random rectangle
-  with a plain object colour.
-  """
-  h, w = size
-  ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
-  scale = ident.height * (1.0 + misalign * rng.uniform(-0.12, 0.12))
-  dx, dy = misalign * rng.uniform(-0.12, 0.12) * w, misalign * rng.uniform(-0.08, 0.08) * h
-  u = (xs - w / 2 - dx) / (w * scale)  # -0.5..0.5 across a box-filling figure
-  v = (ys - 0.04 * h - dy) / (0.92 * h * scale)  # 0 head top .. 1 feet
-  facing_back = rng.random() < 0.5
-  if facing_back:
-    u = -u  # the figure is mirrored: a bag on the left is now on the right
-
-  bg = np.zeros((h, w, 3), np.float32) if background is None else background.astype(np.float32)
-  img = bg + (0.35 if background is None else 0.0)
-  swing = rng.uniform(-0.04, 0.04)
-
-  def paint(mask, colour):
-    img[mask] = colour
-
-  paint(
-    _box(u, v, -0.16 + swing, -0.05 + swing, 0.5, 0.95)
-    | _box(u, v, 0.05 - swing, 0.16 - swing, 0.5, 0.95),
-    ident.bottom,
-  )  # legs
-  paint(
-    _box(u, v, -0.17 + swing, -0.04 + swing, 0.95, 1.0)
-    | _box(u, v, 0.04 - swing, 0.17 - swing, 0.95, 1.0),
-    ident.shoes,
-  )
-  paint(_box(u, v, -0.3, -0.2, 0.2, 0.52) | _box(u, v, 0.2, 0.3, 0.2, 0.52), ident.top)  # arms
-  torso = _box(u, v, -0.2, 0.2, 0.17, 0.55)
-  paint(torso, ident.top)
-  if ident.top_pattern == "stripes":
-    paint(torso & ((np.floor(v * 30) % 2) == 0), ident.top_second)
-  elif ident.top_pattern == "split":
-    paint(torso & (v > 0.36), ident.top_second)
-  head = (u / 0.11) ** 2 + ((v - 0.09) / 0.08) ** 2 <= 1.0
-  paint(head, ident.skin)
-  # From behind the whole head is hair; from the front only its top.
-  paint(head if facing_back else head & (v < 0.06), ident.hair)
-  if ident.hat:
-    paint(_box(u, v, -0.13, 0.13, 0.0, 0.045), ident.top_second)
-  if ident.bag_side:
-    # u is already mirrored for a back view, so the bag changes image side by itself.
-    paint(_box(u * ident.bag_side, v, 0.22, 0.38, 0.38, 0.6), ident.bag)
-  if occlude and rng.random() < 0.3:
-    oh, ow = int(rng.uniform(0.15, 0.4) * h), int(rng.uniform(0.3, 0.8) * w)
-    oy, ox = rng.integers(0, h - oh), rng.integers(0, w - ow)
-    img[oy : oy + oh, ox : ox + ow] = rng.uniform(0.2, 0.8, 3)
-  img = img * rng.uniform(0.8, 1.2) + rng.normal(0.0, noise, img.shape)
-  return (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-
-
 def make_identity_set(
-  num_ids: int, images_per_id: int, seed: int, size: tuple[int, int] = (128, 64)
+  num_ids: int,
+  images_per_id: int,
+  seed: int,
+  size: tuple[int, int] = (128, 64),
+  group_size: int = 1,
 ):
   """A small labelled set: ``(images [N, H, W, 3] uint8, labels [N] int32)`` with the
-  images of identity i at rows ``i*images_per_id ...``. Deterministic from ``seed``."""
+  images of identity i at rows ``i*images_per_id ...``. Deterministic from ``seed``.
+
+  ``group_size`` people share each uniform; 1 (every person its own uniform) keeps the set
+  easy, for tests that need a model to learn it in a few steps."""
   rng = np.random.default_rng(seed)
-  idents = [random_identity(rng) for _ in range(num_ids)]
+  uniforms = [random_uniform(rng) for _ in range(-(-num_ids // group_size))]
+  people = [random_person(rng, uniforms[i // group_size], i // group_size) for i in range(num_ids)]
   images = np.stack(
-    [render_person(idents[i], rng, size) for i in range(num_ids) for _ in range(images_per_id)]
+    [render_person(people[i], rng, size) for i in range(num_ids) for _ in range(images_per_id)]
   )
   labels = np.repeat(np.arange(num_ids, dtype=np.int32), images_per_id)
   return images, labels
@@ -152,13 +52,16 @@ class Domain:
   """Image statistics of one synthetic domain."""
 
   num_cameras: int
-  palette_shift: float  # rotates clothing colours
+  palette_shift: float  # permutes clothing colour channels
   tint: tuple[float, float, float]  # colour cast of every camera
   contrast: float
   gamma: float
   blur: float  # max Gaussian blur radius in pixels
   noise: float
   pid_base: int  # keeps the two domains' pid numbers apart
+  group_size: int  # people per uniform
+  misalign: float  # detector shift / scale jitter, 1 = ±12% (render_person)
+  occlude: float  # chance that an object hides part of the body
 
 
 DOMAINS = {
@@ -171,6 +74,9 @@ DOMAINS = {
     blur=0.6,
     noise=0.03,
     pid_base=0,
+    group_size=5,
+    misalign=0.8,
+    occlude=0.2,
   ),
   "b": Domain(
     num_cameras=5,
@@ -181,6 +87,9 @@ DOMAINS = {
     blur=1.2,
     noise=0.05,
     pid_base=5000,
+    group_size=5,
+    misalign=1.2,
+    occlude=0.35,
   ),
 }
 IMAGE_SIZE = (128, 64)  # Market-1501 crops
@@ -225,6 +134,12 @@ def _junk(background: np.ndarray, rng: np.random.Generator) -> np.ndarray:
   return img
 
 
+def _render(person, rng, background, domain: Domain) -> np.ndarray:
+  return render_person(
+    person, rng, IMAGE_SIZE, background, domain.misalign, domain.occlude, noise=0.0
+  )
+
+
 def write_market_tree(
   out: str,
   domain_name: str,
@@ -247,9 +162,19 @@ def write_market_tree(
     (camera_background(domain, rng), rng.uniform(0.75, 1.25, 3) * rng.uniform(0.8, 1.2))
     for _ in range(domain.num_cameras)
   ]
-  people = [random_identity(rng, domain.palette_shift) for _ in range(num_ids)]
+  num_groups = -(-num_ids // domain.group_size)
+  uniforms = [random_uniform(rng, domain.palette_shift) for _ in range(num_groups)]
+  people = [
+    random_person(rng, uniforms[i // domain.group_size], i // domain.group_size)
+    for i in range(num_ids)
+  ]
   sightings = simulate_walks(num_ids, domain.num_cameras, rng)
-  train_people = set(rng.permutation(num_ids)[: num_ids // 2].tolist())
+  # Whole groups go to one side (but for the one the cut falls in), so the test side has
+  # every member of its groups to tell apart.
+  by_group = np.argsort(
+    rng.permutation(num_groups)[np.arange(num_ids) // domain.group_size], kind="stable"
+  )
+  train_people = set(by_group[: num_ids // 2].tolist())
   dirs = {k: os.path.join(out, k) for k in ("bounding_box_train", "bounding_box_test", "query")}
   for d in dirs.values():
     os.makedirs(d, exist_ok=True)
@@ -271,9 +196,7 @@ def write_market_tree(
     pid = domain.pid_base + s.person + 1
     bg, gain = cams[s.camera]
     for t in np.sort(rng.uniform(s.enter, s.leave, int(rng.integers(2, 6)))):
-      img = apply_camera(
-        render_person(people[s.person], rng, IMAGE_SIZE, bg, noise=0.0) / 255.0, gain, domain, rng
-      )
+      img = apply_camera(_render(people[s.person], rng, bg, domain) / 255.0, gain, domain, rng)
       if s.person in train_people:
         save("bounding_box_train", pid, s.camera, t, img)
       elif (s.person, s.camera) not in queried:  # one query per person and camera
@@ -286,9 +209,9 @@ def write_market_tree(
     for _ in range(int(frac * n_gallery)):
       cam = int(rng.integers(domain.num_cameras))
       bg, gain = cams[cam]
+      # Distractors wear the test groups' uniforms too: more look-alikes to rank below.
       body = (
-        render_person(random_identity(rng, domain.palette_shift), rng, IMAGE_SIZE, bg, noise=0.0)
-        / 255.0
+        _render(random_person(rng, uniforms[rng.integers(num_groups)]), rng, bg, domain) / 255.0
         if pid == 0
         else _junk(bg, rng)
       )

@@ -92,7 +92,9 @@ def evaluate_variables(
   out_dir = os.path.join(workdir, "eval")
   if main:
     os.makedirs(out_dir, exist_ok=True)
-  summary, rows = {"step": int(step), "testsets": {}}, []
+  # The distance is no part of the model, so the results say which one they come from.
+  distance = config.eval.get("distance", "sigmoid")
+  summary, rows = {"step": int(step), "distance": distance, "testsets": {}}, []
   check_config(config, training=False)  # evaluate_variables is also called directly
   for name in testset_names(config.eval):
     src_cfg = materialize_synthetic(
@@ -125,7 +127,7 @@ def evaluate_variables(
     with open(os.path.join(out_dir, "results.json"), "w") as f:
       json.dump(summary, f, indent=2)
     if not quiet:
-      print(f"step {step}\n" + format_table(rows), flush=True)
+      print(f"step {step}, eval.distance={distance}\n" + format_table(rows), flush=True)
   return summary
 
 

@@ -27,7 +27,7 @@ from jax.sharding import PartitionSpec as P
 
 from qaconv_jax import sharding
 from qaconv_jax.data.pipeline import eval_image, iterate
-from qaconv_jax.models.qaconv import qaconv_distance
+from qaconv_jax.models.qaconv import check_eval_distance, logit_distance
 
 
 class Progress:
@@ -136,9 +136,10 @@ def block_shape(num_probe: int, num_gallery: int, hw: int, budget_bytes: float) 
 
 
 @functools.lru_cache(maxsize=8)
-def _scorer(fn: Callable, mesh, num_blocks: int, with_logits: bool) -> Callable:
+def _scorer(fn: Callable, mesh, num_blocks: int, with_logits: bool, distance: str) -> Callable:
   """Jitted ``(bound, probe [bp, ...] replicated, gallery [G', ...] split over "data") ->
-  distance (, logits) [bp, G']`` split over "data" on the gallery axis."""
+  distance (, logits) [bp, G']`` split over "data" on the gallery axis (``distance``: the
+  kind of `logit_distance`)."""
 
   def local(bound, probe, gallery):  # gallery: this device's [num_blocks * bg, h, w, d]
     args, kwargs = bound
@@ -153,7 +154,8 @@ def _scorer(fn: Callable, mesh, num_blocks: int, with_logits: bool) -> Callable:
 
   def score(bound, probe, gallery):
     logits = on_mesh(bound, probe, gallery)
-    return (qaconv_distance(logits), logits) if with_logits else qaconv_distance(logits)
+    dist = logit_distance(logits, distance)
+    return (dist, logits) if with_logits else dist
 
   return jax.jit(score)
 
@@ -167,16 +169,19 @@ def pairwise_distance(
   label: str = "scores",
   return_logits: bool = False,
   mesh=None,
+  distance: str = "sigmoid",
 ):
-  """QAConv distance ``[P, G]`` = ``1 - sigmoid(logit / 10)`` on every device of ``mesh``
-  (None: `sharding.make_mesh`); with ``return_logits``: ``(distance, logits)``, both
-  ``[P, G]`` float32. Every process passes and gets the whole arrays.
+  """QAConv distance ``[P, G]`` on every device of ``mesh`` (None: `sharding.make_mesh`);
+  with ``return_logits``: ``(distance, logits)``, both ``[P, G]`` float32. Every process
+  passes and gets the whole arrays. ``distance`` (``config.eval.distance``): ``"sigmoid"``
+  = ``1 - sigmoid(logit / 10)``, ``"neg_logit"`` = ``-logit`` (`logit_distance`).
 
   ``match_fn(probe [bp, h, w, d], gallery [bg, h, w, d]) -> logits [bp, bg]`` (jitted).
   ``block``: at most ``(bp, bg)`` per device and call (default: `block_shape` of
   ``budget_bytes``). Each device also holds ``[P, G / devices]`` of the results until the
   end, when they are gathered (multi-process: the whole ``[P, G]`` on every device then).
   """
+  check_eval_distance(distance)
   mesh = mesh or sharding.make_mesh()
   devices = mesh.shape["data"]
   p, g = len(probe), len(gallery)
@@ -192,7 +197,7 @@ def pairwise_distance(
   gallery_d = sharding.put_global(_pad(gallery, devices * num_blocks * bg), mesh, P("data"))
   fn, bound = _unbind(match_fn)
   bound = sharding.replicate(bound, mesh)
-  score = _scorer(fn, mesh, num_blocks, return_logits)
+  score = _scorer(fn, mesh, num_blocks, return_logits, distance)
   probe_p = _pad(probe, bp)
   outs = []
   bar = Progress(label, len(probe_p) // bp)

@@ -14,6 +14,7 @@ from qaconv_jax.evaluation.metrics import evaluate_ranking, sort_keys
 from qaconv_jax.evaluation.rerank import k_reciprocal_rerank
 from qaconv_jax.evaluation.scoring import extract_maps, pairwise_distance
 from qaconv_jax.evaluation.tlift import temporal_lift
+from qaconv_jax.models.qaconv import check_eval_distance
 
 RANKS = (1, 5, 10, 20)
 
@@ -40,6 +41,17 @@ def top_k_lists(dist: np.ndarray, k: int, chunk: int = 512) -> np.ndarray:
   return out
 
 
+def column_maxima(dist_qg: np.ndarray, dist_qq: np.ndarray, dist_gg: np.ndarray) -> np.ndarray:
+  """``[P + G]`` column maxima of the full distance ``[[qq, qg], [qg^T, gg]]``, by which
+  re-ranking divides each column (docs/method.md §6)."""
+  return np.concatenate(
+    [
+      np.maximum(dist_qq.max(axis=0), dist_qg.max(axis=1)),
+      np.maximum(dist_qg.max(axis=0), dist_gg.max(axis=0)),
+    ]
+  )
+
+
 def evaluate_testset(
   embed_fn: Callable,
   match_fn: Callable,
@@ -58,7 +70,7 @@ def evaluate_testset(
     embed_fn, match_fn: jitted ``images -> maps`` and ``(probe, gallery) -> logits``.
     query, gallery: random-access sources (``pids``, ``cameras``, ``times`` arrays).
     cfg: ``config.eval`` (batch_size, memory_budget_gb, rerank, k1, k2, lambda_value,
-      tlift, tau, sigma, tlift_k, alpha, ap_mode, topk).
+      tlift, tau, sigma, tlift_k, alpha, ap_mode, topk; distance, "sigmoid" when absent).
 
   Returns:
     ``{"results": {method: {...}}, "topk": {method: [P, k]}, "dist": {method: [P, G]},
@@ -69,6 +81,16 @@ def evaluate_testset(
     asks for when TLift is applied to QAConv directly (its alpha suits scores averaging
     ~0.01-0.1; ``sigmoid(logit / 10)`` is far above that), and ranks by ``1 - lifted``. A
     set without a time stamp on every image gets no TLift row; ``notes`` says so.
+
+    ``cfg.distance`` is the distance every row starts from (`logit_distance`): "sigmoid"
+    (``1 - sigmoid(logit / 10)``, the authors' v1.x and v2.1 tag) or "neg_logit"
+    (``-logit``, their master). ``QAConv`` ranks alike under both, and ``QAConv+TLift`` is
+    the same (it lifts ``sigmoid(logit)`` either way); ``QAConv+RR`` re-ranks the chosen
+    distance's q-g, q-q and g-g blocks exactly as the authors' ``reranking`` does, column
+    maxima included: under "neg_logit" a column whose logits are all positive has a
+    negative maximum, which reverses its order (kept, and said in ``notes``); a zero
+    maximum, a division by zero there, leaves the RR rows out, also said in ``notes``.
+    ``QAConv+RR+TLift`` lifts ``1 - re-ranked distance`` under both.
   """
   mesh = mesh or sharding.make_mesh()
   budget = cfg.memory_budget_gb * 2**30
@@ -76,7 +98,11 @@ def evaluate_testset(
   q_maps = extract(query, batch_size=cfg.batch_size, label="query features")
   g_maps = extract(gallery, batch_size=cfg.batch_size, label="gallery features")
   ids = (query.pids, gallery.pids, query.cameras, gallery.cameras)
-  score = functools.partial(pairwise_distance, match_fn, budget_bytes=budget, mesh=mesh)
+  distance = cfg.get("distance", "sigmoid")
+  check_eval_distance(distance)
+  score = functools.partial(
+    pairwise_distance, match_fn, budget_bytes=budget, mesh=mesh, distance=distance
+  )
   dist, logits = score(q_maps, g_maps, label="query x gallery", return_logits=True)
   dists = {"QAConv": dist}
   notes = []
@@ -104,11 +130,24 @@ def evaluate_testset(
   if cfg.rerank:
     qq = score(q_maps, q_maps, label="query x query")
     gg = score(g_maps, g_maps, label="gallery x gallery")
-    dists["QAConv+RR"] = k_reciprocal_rerank(
-      dists["QAConv"], qq, gg, cfg.k1, cfg.k2, cfg.lambda_value
-    )
-    if tlift:
-      dists["QAConv+RR+TLift"] = lift(1.0 - dists["QAConv+RR"])
+    colmax = column_maxima(dists["QAConv"], qq, gg)
+    if (colmax == 0).any():  # -logit only: a column of 1 - sigmoid has entries far from 0
+      notes.append(
+        f"re-ranking not applied: {int((colmax == 0).sum())} column(s) of the "
+        f"eval.distance={distance!r} distance have the maximum 0, which re-ranking divides by."
+      )
+    else:
+      if (colmax < 0).any():
+        notes.append(
+          f"re-ranking: {int((colmax < 0).sum())} of {len(colmax)} images have only positive "
+          "logits in their column, whose negative maximum reverses their neighbour order "
+          "(as the authors' reranking computes it from -logit distances)."
+        )
+      dists["QAConv+RR"] = k_reciprocal_rerank(
+        dists["QAConv"], qq, gg, cfg.k1, cfg.k2, cfg.lambda_value
+      )
+      if tlift:
+        dists["QAConv+RR+TLift"] = lift(1.0 - dists["QAConv+RR"])
   results = {m: summarize(evaluate_ranking(d, *ids, ap_mode=cfg.ap_mode)) for m, d in dists.items()}
   return {
     "results": results,

@@ -85,9 +85,11 @@ class QAConvModel(nn.Module):
 
   ``embed(images [N, H, W, 3] in [0, 1], train) -> [N, h, w, d]`` unit feature maps;
   ``match(probe, gallery, train) -> logits [p, g]``;
-  ``__call__(images, memory=None, train, memory_mask=None)`` -> ``(features, logits)``,
-  matching the batch against ``memory [C, h, w, d]`` (or against itself when no memory is
-  given, as at init); ``memory_mask [C]`` marks real rows of a padded memory.
+  ``__call__(images, memory=None, train, memory_mask=None, embed_train=None)`` ->
+  ``(features, logits)``, matching the batch against ``memory [C, h, w, d]`` (or against
+  itself when no memory is given: logits ``[b, b]``, QAConv 2.1's training scores);
+  ``memory_mask [C]`` marks real rows of a padded memory; ``embed_train`` (default
+  ``train``) is the backbone and neck's BN mode.
 
   The fields after ``input_norm`` are runtime knobs (`RUNTIME_KEYS`): they change speed and
   rounding, never a weight, so a checkpoint can be resumed or evaluated with other values.
@@ -96,6 +98,7 @@ class QAConvModel(nn.Module):
   depth: int = 50
   width: int = 64
   ibn: str = ""  # "", "a" or "b": IBN-Net backbone variants
+  final_stage: str = "layer3"  # the authors' final_layer: "layer2" (stride 8) or "layer3" (16)
   neck_dim: int = 128
   neck_version: str = "v1"
   head: str = "v1"
@@ -110,7 +113,12 @@ class QAConvModel(nn.Module):
     if self.input_norm not in ("none", "imagenet"):
       raise ConfigError(f"input_norm must be 'none' or 'imagenet', got {self.input_norm!r}.")
     self.backbone = ResNet(
-      depth=self.depth, width=self.width, ibn=self.ibn, dtype=self.dtype, precision=self.precision
+      depth=self.depth,
+      final_stage=self.final_stage,
+      width=self.width,
+      ibn=self.ibn,
+      dtype=self.dtype,
+      precision=self.precision,
     )
     self.neck = Neck(
       dim=self.neck_dim, version=self.neck_version, dtype=self.dtype, precision=self.precision
@@ -143,8 +151,11 @@ class QAConvModel(nn.Module):
     memory: jax.Array | None = None,
     train: bool = False,
     memory_mask: jax.Array | None = None,
+    embed_train: bool | None = None,
   ):
-    features = self.embed(images, train)
+    # embed_train=False with train=True: backbone and neck BN in inference mode (statistics
+    # used, not updated) while the matcher's BN trains (QAConv 2.1, config.freeze_bn).
+    features = self.embed(images, train if embed_train is None else embed_train)
     gallery = features if memory is None else memory
     return features, self.match(features, gallery, train, memory_mask)
 
@@ -168,6 +179,7 @@ def build_model(
     depth=cfg.depth,
     width=cfg.width,
     ibn=cfg.ibn,
+    final_stage=cfg.final_stage,
     neck_dim=cfg.neck_dim,
     neck_version=cfg.neck_version,
     head=cfg.head,

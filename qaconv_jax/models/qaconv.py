@@ -91,11 +91,36 @@ def qaconv_distance(logits: jax.Array) -> jax.Array:
   return 1.0 - qaconv_score(logits)
 
 
+# config.eval.distance (docs/method.md §5, §10).
+EVAL_DISTANCES = ("sigmoid", "neg_logit")
+
+
+def check_eval_distance(kind: str) -> None:
+  """Raises `ConfigError` unless ``kind`` is one of `EVAL_DISTANCES`."""
+  if kind not in EVAL_DISTANCES:
+    raise ConfigError(f"eval.distance={kind!r}: expected 'sigmoid' or 'neg_logit'.")
+
+
+def logit_distance(logits: jax.Array, kind: str = "sigmoid") -> jax.Array:
+  """Evaluation distance of QAConv logits, any shape (e.g. ``[P, G]``) -> the same shape.
+
+  ``"sigmoid"``: ``1 - sigmoid(logit / 10)`` (`qaconv_distance`), what ``pairwise_distance``
+  in the authors' ``reid/evaluators.py`` returns from v1.0 through the v2.1 tag.
+  ``"neg_logit"``: ``-logit``, what it returns on their master since commit 1e50faa (2023).
+  Both rank alike; k-reciprocal re-ranking, which rescales and exponentiates distances,
+  does not (docs/method.md §5).
+  """
+  check_eval_distance(kind)
+  return qaconv_distance(logits) if kind == "sigmoid" else -logits
+
+
 __all__ = [
   "match_maxima",
   "match_maxima_with_indices",
   "QAConv",
   "qaconv_score",
   "qaconv_distance",
+  "logit_distance",
+  "EVAL_DISTANCES",
   "DEFAULT_BLOCK",
 ]
