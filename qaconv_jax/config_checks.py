@@ -146,6 +146,11 @@ def recipe_problems(config: ml_collections.ConfigDict) -> list[str]:
     out.append(f"init_memory=True: loss.name={loss!r} trains without a class memory")
   if not optim.clip_norm >= 0:
     out.append(f"optim.clip_norm={optim.clip_norm!r}: expected >= 0 (0 = no clipping)")
+  elif not optim.clip_norm and optim.clip_groups:
+    out.append(
+      f"optim.clip_groups={list(optim.clip_groups)} clip nothing with optim.clip_norm=0: set "
+      "the norm (QAConv 2.1: 8.0) or drop the groups"
+    )
   elif optim.clip_norm and not optim.clip_groups:
     out.append(
       "optim.clip_norm > 0 needs optim.clip_groups, the parameter path regexes clipped "

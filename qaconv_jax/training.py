@@ -142,7 +142,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
   elif main_process:
     print(
       "no init_from: every weight starts random (published QAConv numbers start from "
-      "ImageNet weights: see README, 'Pretrained weights').",
+      "ImageNet weights: see README, 'Pretrained weights')."
+      + (
+        " freeze_bn=True keeps the backbone's initial BN statistics (mean 0, variance 1)."
+        if config.freeze_bn
+        else ""
+      ),
       flush=True,
     )
   state = on_mesh.place(state)

@@ -75,6 +75,7 @@ def test_shipped_configs_pass(name, variant):
     ("optim.schedule", "cosine", r"optim.schedule='cosine': expected one of"),
     ("data.pk_k", 3, r"data.pk_k=3 with data.batch_size=16: expected K >= 1 dividing"),
     ("optim.clip_norm", 8.0, r"optim.clip_norm > 0 needs optim.clip_groups"),
+    ("optim.clip_groups", ("^qaconv/",), r"clip nothing with optim.clip_norm=0"),
     (
       "eval.testsets",
       "dukemtmc",

@@ -17,7 +17,7 @@ from configs.gs_market import get_config
 from qaconv_jax import checkpoint
 from qaconv_jax.data.graph_sampler import class_image_lists
 from qaconv_jax.graph_step import epoch_graph
-from qaconv_jax.losses import finite_mean, triplet_loss
+from qaconv_jax.losses import finite_mean, pairwise_matching_loss, triplet_loss
 from qaconv_jax.models.model import build_model
 from qaconv_jax.optim import make_optimizer
 from qaconv_jax.train_state import create_train_state
@@ -42,9 +42,11 @@ def _fresh_state(cfg, num_classes=8):
   return model, create_train_state(model, tx, jax.random.key(0), shape, num_classes, cfg.loss)
 
 
-@pytest.mark.parametrize("freeze_bn", [True, False])
-def test_pair_step_loss_and_which_bn_statistics_move(freeze_bn, tiny_data):
-  cfg = _cfg(freeze_bn=freeze_bn)
+@pytest.mark.parametrize(
+  "freeze_bn, loss", [(True, "triplet"), (False, "triplet"), (True, "pairwise_matching")]
+)
+def test_pair_step_loss_and_which_bn_statistics_move(freeze_bn, loss, tiny_data):
+  cfg = _cfg(freeze_bn=freeze_bn, **{"loss.name": loss})
   model, state = _fresh_state(cfg)
   assert state.class_memory is None  # no memory for a pair loss
   images, labels = tiny_data
@@ -62,7 +64,11 @@ def test_pair_step_loss_and_which_bn_statistics_move(freeze_bn, tiny_data):
     mutable=["batch_stats"],
     rngs={"dropout": jax.random.fold_in(rng, 0)},
   )
-  want = float(finite_mean(triplet_loss(scores, batch["label"], cfg.loss.margin)[0])[0])
+  if loss == "triplet":
+    rows = triplet_loss(scores, batch["label"], cfg.loss.margin)[0]
+  else:
+    rows = pairwise_matching_loss(scores, batch["label"])
+  want = float(finite_mean(rows)[0])
   new, metrics = step(state, batch, rng)
   assert float(metrics["loss"]) == pytest.approx(want, rel=1e-5)
   assert float(metrics["finite_rows"]) == 16
