@@ -169,7 +169,9 @@ def check_model_config(meta: dict, model_cfg: dict) -> None:
   width, ibn, and for a QAConv checkpoint neck_dim, neck_version, head). Runtime knobs
   (`RUNTIME_KEYS`: numerics, matcher tiles and kernel) are never compared.
   """
-  saved = meta.get("model", {})
+  saved = dict(meta.get("model", {}))
+  if "neck_dim" in saved:  # a whole model written before final_stage existed: layer3
+    saved.setdefault("final_stage", "layer3")
   keys = sorted(k for k in saved if k not in RUNTIME_KEYS)
   diff = [
     f"{k}: checkpoint {saved[k]!r} vs config {model_cfg.get(k)!r}"

@@ -64,8 +64,14 @@ def eval_problems(cfg: ml_collections.ConfigDict) -> list[str]:
 
 
 def runtime_problems(cfg: ml_collections.ConfigDict) -> list[str]:
-  """Problems of the runtime knobs of ``config.model`` (numerics, matcher tiles/kernel)."""
+  """Problems of ``config.model`` found before building it: the stage the maps come from and
+  the runtime knobs (numerics, matcher tiles/kernel)."""
   out = []
+  if cfg.final_stage not in ("layer2", "layer3", "layer4"):
+    out.append(
+      f"model.final_stage={cfg.final_stage!r}: expected 'layer2', 'layer3' or 'layer4' "
+      "(the authors' --final_layer)"
+    )
   if cfg.dtype not in NUMERICS:
     out.append(f"model.dtype={cfg.dtype!r}: expected one of {list(NUMERICS)}")
   block = cfg.match_block

@@ -156,9 +156,9 @@ def eval_distance_advice(model: dict) -> str | None:
       "the same under both."
     )
   return (
-    f"evaluation distance: a QAConv 1.x-style model (head {model['head']}): evaluate with "
-    "--config.eval.distance=sigmoid (the default, 1 - sigmoid(logit/10)), as the authors' "
-    "v1.x code does."
+    f"evaluation distance: a QAConv 1.x/2.0-style model (head {model['head']}): evaluate "
+    "with --config.eval.distance=sigmoid (the default, 1 - sigmoid(logit/10)), as the "
+    "authors' v1.x and v2.0 code does."
   )
 
 

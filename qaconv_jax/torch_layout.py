@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qaconv_jax.models.model import QAConvModel
-from qaconv_jax.models.resnet import ARCHS, ResNet, torchvision_key
+from qaconv_jax.models.resnet import ARCHS, ResNet, output_channels, torchvision_key
 from qaconv_jax.torch_files import ConversionError
 
 STRIDE = 16  # QAConv's maps come from layer3
@@ -132,6 +132,14 @@ def infer_model(flat, layout: Layout, image_size: tuple[int, int]) -> dict:
       "are not supported (QAConv's neck is part of every release)."
     )
   model["neck_dim"] = int(conv.shape[0])
+  layer3 = output_channels(model["depth"], model["width"], "layer3")
+  if int(conv.shape[1]) != layer3:
+    raise ConversionError(
+      f"'{layout.neck}conv.weight' takes {conv.shape[1]} channels, but this backbone's layer3 "
+      f"gives {layer3}: a model trained with the authors' --final_layer other than layer3? "
+      "The converter reads layer3 models only."
+    )
+  model["final_stage"] = "layer3"  # what the neck's input channels show
   if f"{layout.neck}bn.weight" in flat:
     model["neck_version"] = "v1"
   elif f"{layout.neck}conv.bias" in flat:

@@ -163,3 +163,17 @@ def test_demo_graph_sampling_variant_has_the_class_memory_runs_budget():
   gs_steps = gs.num_epochs * train_ids  # a graph epoch: one batch per class
   assert gs.data.sampler == "graph" and gs.loss.name == "triplet"
   assert cm_steps - train_ids < gs_steps <= cm_steps
+
+
+def test_a_whole_model_saved_before_final_stage_existed_counts_as_layer3():
+  from qaconv_jax.checkpoint import CheckpointMismatch, check_model_config
+
+  old = {"model": {"depth": 18, "neck_dim": 32}}  # no final_stage key: written before it
+  check_model_config(old, {"depth": 18, "neck_dim": 32, "final_stage": "layer3"})
+  with pytest.raises(CheckpointMismatch, match="final_stage: checkpoint 'layer3' vs config"):
+    check_model_config(old, {"depth": 18, "neck_dim": 32, "final_stage": "layer2"})
+  check_model_config({"model": {"depth": 18}}, {"depth": 18, "final_stage": "layer2"})  # backbone
+  config = get_config("tiny")
+  config.model.final_stage = "layer1"
+  with pytest.raises(ConfigError, match="model.final_stage='layer1': expected 'layer2'"):
+    check_config(config, training=False)

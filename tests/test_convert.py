@@ -43,9 +43,11 @@ def test_architecture_is_read_off_the_keys():
     "resnet18_w4": dict(depth=18, width=4, ibn=""),
     "resnet50_ibn_a_w8": dict(depth=50, width=8, ibn="a"),
     "resnet18_ibn_b_w8": dict(depth=18, width=8, ibn="b"),
-    "qaconv_v1_r18_w4": dict(depth=18, width=4, ibn="", neck_dim=16, neck_version="v1", head="v1"),
+    "qaconv_v1_r18_w4": dict(
+      depth=18, width=4, ibn="", final_stage="layer3", neck_dim=16, neck_version="v1", head="v1"
+    ),
     "qaconv_v2_r50_ibn_b_w4": dict(
-      depth=50, width=4, ibn="b", neck_dim=16, neck_version="v2.1", head="v2"
+      depth=50, width=4, ibn="b", final_stage="layer3", neck_dim=16, neck_version="v2.1", head="v2"
     ),
   }
   for name, model in expect.items():
@@ -226,6 +228,7 @@ MODEL_CFG = dict(
   depth=18,
   width=4,
   ibn="",
+  final_stage="layer3",
   neck_dim=16,
   neck_version="v1",
   head="v1",
@@ -285,3 +288,10 @@ def test_converted_official_checkpoint_evaluates(tiny_config, tmp_path):
   cfg.model.update(depth=18, ibn="")
   with pytest.raises(checkpoint.CheckpointMismatch, match="holds no neck or qaconv weights"):
     evaluate_checkpoint(cfg, str(tmp_path / "backbone"))
+
+
+def test_a_model_cut_after_another_stage_is_refused_by_name():
+  flat = dict(parity.load("qaconv_v1_r18_w4")[0])
+  flat["model/neck_conv.weight"] = np.zeros((16, 8, 3, 3), np.float32)  # layer2's 8 channels
+  with pytest.raises(convert.ConversionError, match="--final_layer other than layer3"):
+    convert.convert(flat)

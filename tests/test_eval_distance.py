@@ -144,3 +144,14 @@ def test_a_zero_column_maximum_leaves_reranking_out(rng):
     "re-ranking not applied: 1 column(s) of the eval.distance='neg_logit' distance have the "
     "maximum 0, which re-ranking divides by."
   ]
+
+
+def test_an_overflowing_reranking_is_left_out_not_a_crash(rng):
+  """A column whose most negative logit is near 0 (-0.01) and whose others reach 20 makes
+  exp(-D') overflow (as in the authors' code): the RR rows are left out with a note."""
+  table = rng.uniform(1.0, 20.0, size=(P + G, P + G)).astype(np.float32)
+  table[0, :] = -0.01  # every column's maximum of -logit: 0.01
+  embed, match, query, gallery = _setup(rng, table)
+  out = evaluate_testset(embed, match, query, gallery, _cfg("neg_logit"), (8, 4))
+  assert list(out["results"]) == ["QAConv", "QAConv+TLift"]
+  assert any("re-ranking not applied: it overflowed" in n for n in out["notes"])

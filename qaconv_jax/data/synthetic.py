@@ -182,7 +182,7 @@ def write_market_tree(
   names: set[str] = set()
 
   def save(split: str, pid: int, cam: int, t: float, img: np.ndarray) -> None:
-    frame = int(round(t * 25.0)) + 1
+    frame = max(0, int(round(t * 25.0))) + 1  # a walk's jitter can start before 0
     k = 1
     pid_str = "-1" if pid == -1 else f"{pid:04d}"  # Market writes junk as -1_c...
     while (name := f"{pid_str}_c{cam + 1}s1_{frame:06d}_{k:02d}.jpg") in names:

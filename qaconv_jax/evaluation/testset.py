@@ -143,11 +143,18 @@ def evaluate_testset(
           "logits in their column, whose negative maximum reverses their neighbour order "
           "(as the authors' reranking computes it from -logit distances)."
         )
-      dists["QAConv+RR"] = k_reciprocal_rerank(
-        dists["QAConv"], qq, gg, cfg.k1, cfg.k2, cfg.lambda_value
-      )
-      if tlift:
-        dists["QAConv+RR+TLift"] = lift(1.0 - dists["QAConv+RR"])
+      with np.errstate(over="ignore", invalid="ignore"):
+        reranked = k_reciprocal_rerank(dists["QAConv"], qq, gg, cfg.k1, cfg.k2, cfg.lambda_value)
+      bad = int((~np.isfinite(reranked)).any(axis=1).sum())
+      if bad:  # -logit only: a small positive column maximum overflows exp(-D') (as HEAD's)
+        notes.append(
+          f"re-ranking not applied: it overflowed for {bad} queries (exp of a distance over a "
+          f"column maximum near 0 under eval.distance={distance!r})."
+        )
+      else:
+        dists["QAConv+RR"] = reranked
+        if tlift:
+          dists["QAConv+RR+TLift"] = lift(1.0 - dists["QAConv+RR"])
   results = {m: summarize(evaluate_ranking(d, *ids, ap_mode=cfg.ap_mode)) for m, d in dists.items()}
   return {
     "results": results,
