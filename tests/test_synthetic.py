@@ -1,8 +1,11 @@
 """The synthetic persons exercise local matching: look-alike groups, sloppy target detector."""
 
+import dataclasses
+import os
+
 import numpy as np
 
-from qaconv_jax.data.synthetic import DOMAINS, make_identity_set
+from qaconv_jax.data.synthetic import DOMAINS, make_identity_set, write_market_tree
 from qaconv_jax.data.synthetic_persons import random_person, random_uniform, render_person
 
 SIZE = (128, 64)
@@ -115,3 +118,36 @@ def test_identity_set_is_deterministic_and_grouped_on_request():
   mates = [dist[i, i ^ 1] for i in range(8)]
   strangers = [dist[i, j] for i in range(8) for j in range(8) if j // 2 != i // 2]
   assert np.mean(mates) < 0.7 * np.mean(strangers), (mates, strangers)
+
+
+def test_the_chest_and_knee_patches_are_drawn_where_they_belong():
+  """Two members alike but for the chest patch differ on the chest only; alike but for the
+  knees, on the legs only (a renderer that dropped the patches would make them equal)."""
+  rng = np.random.default_rng(4)
+  uniform = random_uniform(rng)
+  base = random_person(rng, uniform)
+  other = lambda part: tuple(
+    c for c in uniform.accents if not np.array_equal(c, getattr(base, part)[1])
+  )[0]
+  chest = dataclasses.replace(base, chest=(base.chest[0], other("chest")))  # colour only
+  knees = dataclasses.replace(base, knees=(base.knees[0], other("knees")))
+  img = _render(base, 7)
+  rows = lambda a, b: np.abs(a - b).sum(-1).mean(axis=1)  # [H] difference per image row
+  d_chest, d_knees = rows(img, _render(chest, 7)), rows(img, _render(knees, 7))
+  top, bottom = slice(0, SIZE[0] // 2), slice(SIZE[0] // 2, SIZE[0])
+  assert d_chest[top].sum() > 0.05 and d_chest[bottom].sum() < 0.2 * d_chest[top].sum()
+  assert d_knees[bottom].sum() > 0.05 and d_knees[top].sum() < 0.2 * d_knees[bottom].sum()
+
+
+def test_a_written_tree_keeps_groups_whole_on_each_side(tmp_path):
+  from qaconv_jax.data.datasets import load_dataset
+
+  write_market_tree(str(tmp_path), "a", 60, seed=0)
+  ds = load_dataset("market1501", str(tmp_path))
+  size = DOMAINS["a"].group_size
+  raw = lambda records: {int(os.path.basename(r.path).split("_")[0]) for r in records}
+  train = raw(ds.train)
+  test = {p for p in raw(ds.query + ds.gallery) if p > 0}  # 0: distractors
+  groups = lambda pids: {(p - DOMAINS["a"].pid_base - 1) // size for p in pids}
+  assert len(groups(train) & groups(test)) <= 1  # only the group the half-way cut falls in
+  assert len(train) == 30 and len(groups(train)) >= 30 // size
