@@ -14,6 +14,7 @@ from qaconv_jax.evaluation.rerank import check_rerank_params
 from qaconv_jax.models.matching import resolve_options
 from qaconv_jax.models.qaconv import EVAL_DISTANCES
 from qaconv_jax.numerics import NAMES as NUMERICS
+from qaconv_jax.train_step import PAIR_LOSSES
 
 
 def _is_count(v, minimum: int) -> bool:
@@ -121,7 +122,7 @@ def train_problems(config: ml_collections.ConfigDict) -> list[str]:
   return out + recipe_problems(config)
 
 
-LOSSES = ("class_memory", "triplet", "pairwise_matching")
+LOSSES = ("class_memory", *PAIR_LOSSES)
 SAMPLERS = ("shuffle", "pk", "graph")
 SCHEDULES = ("step", "constant", "plateau", "adaptive")
 

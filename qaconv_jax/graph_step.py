@@ -17,20 +17,8 @@ import numpy as np
 
 from qaconv_jax.data.graph_sampler import graph_batches, pick_representatives
 from qaconv_jax.data.pipeline import check_pk
+from qaconv_jax.data.splits import Subset
 from qaconv_jax.evaluation.scoring import extract_maps, pairwise_distance
-
-
-class Subset:
-  """The images ``indices`` of ``source``, as a source of their own (for extraction)."""
-
-  def __init__(self, source, indices: np.ndarray):
-    self.source, self.indices = source, np.asarray(indices, np.int64)
-
-  def __len__(self) -> int:
-    return len(self.indices)
-
-  def __getitem__(self, i: int) -> dict:
-    return self.source[int(self.indices[i])]
 
 
 class EpochGraph(NamedTuple):
@@ -68,7 +56,7 @@ def epoch_graph(
   picked = pick_representatives(class_images, (seed, epoch, 3))  # [C] dataset indices
   maps = extract_maps(
     embed_fn,
-    Subset(source, picked),
+    Subset(source, picked, relabel=False),
     tuple(data_cfg.image_size),
     eval_cfg.batch_size,
     label=f"epoch {epoch + 1} graph: features",

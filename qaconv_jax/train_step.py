@@ -84,14 +84,7 @@ def train_step(
   (loss, (features, logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
     state.params
   )
-  # The loss goes to the optimiser too (`value`), for the ReduceLROnPlateau option.
-  updates, opt_state = state.tx.update(grads, state.opt_state, state.params, value=loss)
-  new_state = state.replace(
-    step=state.step + 1,
-    params=optax.apply_updates(state.params, updates),
-    opt_state=opt_state,
-    batch_stats=batch_stats,
-  )
+  new_state = _apply_gradients(state, grads, loss, batch_stats)
   class_memory, memory_valid = update_class_memory(
     state.class_memory, state.memory_valid, features, labels, memory_axis
   )
@@ -102,6 +95,18 @@ def train_step(
     "grad_norm": optax.tree.norm(grads),
   }
   return new_state, metrics
+
+
+def _apply_gradients(state: TrainState, grads, loss: jax.Array, batch_stats) -> TrainState:
+  """One optimiser update and the step's new BN statistics. The loss goes to the optimiser
+  too (``value``): the plateau and adaptive schedules average it per epoch."""
+  updates, opt_state = state.tx.update(grads, state.opt_state, state.params, value=loss)
+  return state.replace(
+    step=state.step + 1,
+    params=optax.apply_updates(state.params, updates),
+    opt_state=opt_state,
+    batch_stats=batch_stats,
+  )
 
 
 def pair_train_step(
@@ -152,19 +157,12 @@ def pair_train_step(
   (loss_value, (accuracy, num_finite, batch_stats)), grads = jax.value_and_grad(
     loss_fn, has_aux=True
   )(state.params)
-  # The loss goes to the optimiser too (`value`): the adaptive schedule averages it per epoch.
-  updates, opt_state = state.tx.update(grads, state.opt_state, state.params, value=loss_value)
-  params = optax.apply_updates(state.params, updates)
+  new_state = _apply_gradients(state, grads, loss_value, batch_stats)
   # No finite row: the authors skip such a batch, an fp16 artefact of their ±1e15 sentinels
   # that cannot arise here (float32 losses), so it means the scores diverged. The weights
   # are marked NaN, so the loop's next finiteness check stops the run before any checkpoint.
-  params = jax.tree.map(lambda p: jnp.where(num_finite > 0, p, jnp.nan), params)
-  new_state = state.replace(
-    step=state.step + 1,
-    params=params,
-    opt_state=opt_state,
-    batch_stats=batch_stats,
-  )
+  params = jax.tree.map(lambda p: jnp.where(num_finite > 0, p, jnp.nan), new_state.params)
+  new_state = new_state.replace(params=params)
   metrics = {
     "loss": loss_value,
     "accuracy": accuracy,

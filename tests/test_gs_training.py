@@ -97,7 +97,9 @@ def test_graph_step_pairs_each_class_with_its_nearest_under_the_model():
     def __getitem__(self, i):
       return {"image": np.full((8, 4, 3), positions[pids[i]], np.uint8), "where": str(i)}
 
-  source = Source()
+  source = Source()  # with the sources' per-image arrays
+  source.pids, source.cameras, source.times = pids, np.zeros_like(pids), np.zeros(len(pids))
+  source.names = [str(i) for i in range(len(pids))]
 
   import qaconv_jax.evaluation.scoring as scoring
 

@@ -28,16 +28,24 @@ def check_rerank_params(k1: int, k2: int, lambda_value: float) -> None:
     )
 
 
+def column_maxima(dist_qg, dist_qq, dist_gg) -> np.ndarray:
+  """``[P + G]`` float32 column maxima of the full distance ``[[qq, qg], [qg^T, gg]]``, by
+  which re-ranking divides each column (docs/method.md §6)."""
+  return np.concatenate(
+    [
+      np.maximum(dist_qq.max(axis=0), dist_qg.max(axis=1)),
+      np.maximum(dist_qg.max(axis=0), dist_gg.max(axis=0)),
+    ]
+  ).astype(np.float32)
+
+
 class _Distances:
   """Random access to the normalised, transposed full distance ``D'`` ``[N, N]``."""
 
   def __init__(self, qg, qq, gg):
     self.qg, self.qq, self.gg = qg, qq, gg
     self.p, self.g = qg.shape
-    # Column maxima of D = [[qq, qg], [qg^T, gg]].
-    self.colmax = np.concatenate(
-      [np.maximum(qq.max(axis=0), qg.max(axis=1)), np.maximum(qg.max(axis=0), gg.max(axis=0))]
-    ).astype(np.float32)
+    self.colmax = column_maxima(qg, qq, gg)
 
   def rows(self, lo: int, hi: int) -> np.ndarray:
     """``D'[lo:hi, :]`` as ``[hi-lo, N]`` float32."""

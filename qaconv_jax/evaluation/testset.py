@@ -11,7 +11,7 @@ import numpy as np
 
 from qaconv_jax import sharding
 from qaconv_jax.evaluation.metrics import evaluate_ranking, sort_keys
-from qaconv_jax.evaluation.rerank import k_reciprocal_rerank
+from qaconv_jax.evaluation.rerank import column_maxima, k_reciprocal_rerank
 from qaconv_jax.evaluation.scoring import extract_maps, pairwise_distance
 from qaconv_jax.evaluation.tlift import temporal_lift
 from qaconv_jax.models.qaconv import check_eval_distance
@@ -39,17 +39,6 @@ def top_k_lists(dist: np.ndarray, k: int, chunk: int = 512) -> np.ndarray:
     keys = np.partition(sort_keys(dist[lo : lo + chunk]), k - 1, axis=1)[:, :k]
     out[lo : lo + chunk] = (np.sort(keys, axis=1) & np.uint64(0xFFFFFFFF)).astype(np.int64)
   return out
-
-
-def column_maxima(dist_qg: np.ndarray, dist_qq: np.ndarray, dist_gg: np.ndarray) -> np.ndarray:
-  """``[P + G]`` column maxima of the full distance ``[[qq, qg], [qg^T, gg]]``, by which
-  re-ranking divides each column (docs/method.md §6)."""
-  return np.concatenate(
-    [
-      np.maximum(dist_qq.max(axis=0), dist_qg.max(axis=1)),
-      np.maximum(dist_qg.max(axis=0), dist_gg.max(axis=0)),
-    ]
-  )
 
 
 def evaluate_testset(
