@@ -131,6 +131,20 @@ def paper_config(
       alpha=0.2,
       ap_mode="step",  # "step" or "trapezoid" (v1.0)
       topk=10,  # per-query ranked lists written to <workdir>/eval/
+      # Large galleries (docs/method.md §13). shortlist K > 0: two-stage retrieval, QAConv
+      # re-scores each query's K nearest by the global descriptor (0: every pair, exact).
+      shortlist=0,
+      # Two-stage re-ranking: each image's neighbour shortlist over probe + gallery, re-scored
+      # by QAConv (0: eval.shortlist); it needs k1 + 1 entries, more catch more neighbours.
+      neighbour_shortlist=0,
+      # Two-stage re-ranking: each image's farthest by the global descriptor, also scored,
+      # estimate its column maximum (exact when shortlists cover everything).
+      shortlist_far=10,
+      map_dtype="float32",  # stored maps: "float32", "float16" or "bfloat16" (half the RAM)
+      gallery_memmap="",  # a directory: gallery maps kept in a memory-mapped file there
+      # Where shortlisted maps are gathered (speed only): "host", "device" (the whole table
+      # on every device once) or "auto" (device on accelerators when it fits in half).
+      lists_gather="auto",
     )
   )
   return c

@@ -11,6 +11,7 @@ from qaconv_jax.data.datasets import check_combine_all
 from qaconv_jax.data.splits import check_val_ids
 from qaconv_jax.errors import ConfigError
 from qaconv_jax.evaluation.rerank import check_rerank_params
+from qaconv_jax.evaluation.two_stage import GATHERS, MAP_DTYPES
 from qaconv_jax.models.matching import resolve_options
 from qaconv_jax.models.qaconv import EVAL_DISTANCES
 from qaconv_jax.numerics import NAMES as NUMERICS
@@ -43,6 +44,11 @@ def eval_problems(cfg: ml_collections.ConfigDict) -> list[str]:
     else:
       out += _source_problem(f"eval.sources.{name}", cfg.sources[name])
   distance = cfg.get("distance", "sigmoid")  # configs written before the key: the old default
+  # Configs written before two-stage retrieval: exact, float32, in RAM.
+  shortlist, far = cfg.get("shortlist", 0), cfg.get("shortlist_far", 10)
+  map_dtype = cfg.get("map_dtype", "float32")
+  neighbours = cfg.get("neighbour_shortlist", 0)
+  gather = cfg.get("lists_gather", "auto")
   for key, value, ok, expected in (
     ("batch_size", cfg.batch_size, _is_count(cfg.batch_size, 1), "an integer >= 1"),
     ("memory_budget_gb", cfg.memory_budget_gb, cfg.memory_budget_gb > 0, "> 0"),
@@ -52,9 +58,22 @@ def eval_problems(cfg: ml_collections.ConfigDict) -> list[str]:
     ("sigma", cfg.sigma, cfg.sigma > 0, "seconds > 0"),
     ("tlift_k", cfg.tlift_k, _is_count(cfg.tlift_k, 1), "an integer >= 1"),
     ("distance", distance, distance in EVAL_DISTANCES, "'sigmoid' or 'neg_logit'"),
+    ("shortlist", shortlist, _is_count(shortlist, 0), "an integer >= 0 (0: exact)"),
+    ("shortlist_far", far, _is_count(far, 0), "an integer >= 0"),
+    ("map_dtype", map_dtype, map_dtype in MAP_DTYPES, f"one of {list(MAP_DTYPES)}"),
+    ("lists_gather", gather, gather in GATHERS, f"one of {list(GATHERS)}"),
   ):
     if not ok:
       out.append(f"eval.{key}={value!r}: expected {expected}")
+  if not _is_count(neighbours, 0):
+    out.append(f"eval.neighbour_shortlist={neighbours!r}: expected an integer >= 0")
+  elif cfg.rerank and _is_count(shortlist, 1) and _is_count(cfg.k1, 1):
+    key, value = ("neighbour_shortlist", neighbours) if neighbours else ("shortlist", shortlist)
+    if value < cfg.k1 + 1:
+      out.append(
+        f"eval.{key}={value} with eval.rerank: each image's re-scored shortlist must "
+        f"hold its k1 + 1 = {cfg.k1 + 1} neighbours; use eval.{key} >= {cfg.k1 + 1}"
+      )
   try:
     check_rerank_params(cfg.k1, cfg.k2, cfg.lambda_value)
   except ValueError as e:

@@ -253,7 +253,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     fns = eval_fns()
     val_cfg = config.eval.copy_and_resolve_references()
-    val_cfg.update(rerank=False, tlift=False)  # selection by plain QAConv
+    # Selection by plain QAConv, exact (validation sets are small), maps in RAM.
+    val_cfg.update(rerank=False, tlift=False, shortlist=0, gallery_memmap="")
     out = evaluate_testset(*fns, *val, val_cfg, tuple(data_cfg.image_size), mesh)
     val_results = out["results"]["QAConv"]
     book.log(step, {"rank1": val_results["rank1"], "mAP": val_results["mAP"]}, kind="val")

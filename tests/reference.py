@@ -48,3 +48,28 @@ def focal_loss_ref(logits, labels, valid, gamma=2.0):
       p_hat = p if k == labels[i] else 1.0 - p
       out[i] += float(valid[k]) * -((1.0 - p_hat) ** gamma) * np.log(p_hat)
   return out
+
+
+def reciprocal_v_ref(dp, fwd, k1, k2):
+  """Re-ranking's V (docs/method.md §6) as float64 loops: ``dp [N, N]`` = D' and ``fwd[i]``
+  each row's neighbours, nearest first (at least k1 + 1). k-reciprocal sets, expansion at
+  round(k1 / 2), softmax(-D') over the union, then query expansion over k2."""
+  n = len(dp)
+
+  def krecip(i, k):
+    return np.array([j for j in fwd[i][: k + 1] if i in fwd[j][: k + 1]])
+
+  v = np.zeros((n, n))
+  for i in range(n):
+    r = krecip(i, k1)
+    expansion = list(r)
+    for j in r:
+      c = krecip(j, int(np.around(k1 / 2)))
+      if len(np.intersect1d(c, r)) > 2 / 3 * len(c):
+        expansion.extend(c)
+    expansion = np.unique(expansion)
+    w = np.exp(-dp[i, expansion])
+    v[i, expansion] = w / w.sum()
+  if k2 > 1:
+    v = np.stack([v[list(fwd[i][:k2])].mean(axis=0) for i in range(n)])
+  return v

@@ -203,6 +203,39 @@ def test_eval_py_end_to_end(tiny_config, tmp_path):
   assert pictures == ["synthetic_b_q0000_matches.png", "synthetic_b_q0000_top10.png"]
 
 
+def test_eval_py_two_stage_with_half_maps_on_disk(tiny_config, tmp_path):
+  # eval.py in two-stage mode (docs/method.md §13): float16 maps, the gallery's in a file.
+  workdir, maps = str(tmp_path / "run"), str(tmp_path / "maps")
+  _save_tiny_checkpoint(tiny_config, workdir)
+  flags = [
+    "--config.eval.shortlist=30",
+    "--config.eval.map_dtype=float16",
+    f"--config.eval.gallery_memmap={maps}",
+    "--visualize",
+    "1",
+  ]
+  proc = subprocess.run(
+    [sys.executable, "eval.py", "--config", "configs/default.py:tiny", "--workdir", workdir]
+    + flags,
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "step 7, eval.distance=sigmoid, two-stage, eval.shortlist=30" in proc.stdout
+  with open(os.path.join(workdir, "eval", "results.json")) as f:
+    results = json.load(f)
+  assert results["shortlist"] == 30
+  methods = results["testsets"]["synthetic_b"]
+  assert list(methods) == ["QAConv", "QAConv+TLift", "QAConv+RR", "QAConv+RR+TLift"]
+  for r in methods.values():
+    assert 0 < r["mAP"] <= 100 and r["num_valid_queries"] > 0
+  (name,) = os.listdir(maps)  # written by process 0 of this one-process run
+  assert name == "synthetic_b_gallery_maps.p0.bin" and os.path.getsize(os.path.join(maps, name))
+  assert len(os.listdir(os.path.join(workdir, "eval", "pictures"))) == 2
+
+
 def test_checkpoint_from_another_model_is_refused(tiny_config, tmp_path):
   from qaconv_jax.evaluation.eval_lib import evaluate_checkpoint
 

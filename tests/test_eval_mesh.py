@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join("tests", "eval_mesh_worker.py")
@@ -87,6 +88,48 @@ def test_two_processes_evaluate_a_testset_like_one(tmp_path):
     # The same 4 devices run the same programs on the same rows; the gathers only copy.
     for k in one.files:
       np.testing.assert_array_equal(two[k], one[k], err_msg=f"process {i}: {k}")
+
+
+def test_two_processes_evaluate_two_stage_like_one_device(tmp_path):
+  # Shortlists of K = 8 of 21 gallery images, re-ranking (k1 = 7, with pairs scored on
+  # demand) and TLift, float16 maps: 2 processes x 2 devices (gallery maps in a memory-mapped
+  # file of each process's own) against 1 process x 1 device.
+  port = _free_port()
+  procs = [_start([WORKER, "two_stage", str(tmp_path / "one.npz")], 1)]
+  procs += [
+    _start([WORKER, "two_stage", str(tmp_path / f"two{i}.npz"), *_distributed(port, i)], 2)
+    for i in range(2)
+  ]
+  outs = [_finish(p) for p in procs]
+  assert "query shortlists" in outs[1] and "query shortlists" not in outs[2]  # process 0 shows
+  one = np.load(tmp_path / "one.npz")
+  methods = list(json.loads(str(one["results"])))
+  assert methods == ["QAConv", "QAConv+TLift", "QAConv+RR", "QAConv+RR+TLift"]
+  stats = json.loads(str(one["stats"]))
+  assert stats.pop("seconds") and stats["shortlist"] == 8 and stats["scored_on_demand"] > 0
+  for i in range(2):
+    assert os.path.getsize(tmp_path / f"gallery.p{i}.bin") == 21 * 4 * 2 * 32 * 2  # float16
+    two = np.load(tmp_path / f"two{i}.npz")
+    assert sorted(two.files) == sorted(one.files)
+    # Every device embeds 2 images per call on both meshes (the worker sizes the batch), so
+    # the float16 maps are the same; what follows them runs per device on rows of the same
+    # shapes, or on the host. Values could still differ in rounding (a device may reduce
+    # in another order), hence allclose; the lists and counts must not.
+    for k in ("query_maps", "gallery_maps"):
+      np.testing.assert_array_equal(two[k], one[k], err_msg=f"process {i}: {k}")
+    for m in methods:
+      np.testing.assert_array_equal(two[f"index/{m}"], one[f"index/{m}"], err_msg=f"{i}: {m}")
+      np.testing.assert_allclose(
+        two[f"values/{m}"], one[f"values/{m}"], rtol=1e-6, atol=1e-6, err_msg=f"{i}: {m}"
+      )
+      np.testing.assert_array_equal(two[f"topk/{m}"], one[f"topk/{m}"], err_msg=f"{i}: {m}")
+    results = json.loads(str(two["results"]))
+    assert list(results) == methods
+    for m in methods:
+      assert results[m] == pytest.approx(json.loads(str(one["results"]))[m], abs=1e-4), m
+    two_stats = json.loads(str(two["stats"]))
+    assert two_stats.pop("seconds") and two_stats == stats, f"process {i}"
+    assert str(two["notes"]) == str(one["notes"])
 
 
 def test_two_process_training_validates_and_evaluates(tmp_path):

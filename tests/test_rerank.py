@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from qaconv_jax.evaluation.rerank import k_reciprocal_rerank
+from tests.reference import reciprocal_v_ref
 
 
 def rerank_ref(qg, qq, gg, k1, k2, lam):
@@ -13,22 +14,7 @@ def rerank_ref(qg, qq, gg, k1, k2, lam):
   n = len(d)
   rank = np.argsort(d, axis=1, kind="stable")
 
-  def krecip(i, k):
-    return np.array([j for j in rank[i, : k + 1] if i in rank[j, : k + 1]])
-
-  v = np.zeros((n, n))
-  for i in range(n):
-    r = krecip(i, k1)
-    expansion = list(r)
-    for j in r:
-      c = krecip(j, int(np.around(k1 / 2)))
-      if len(np.intersect1d(c, r)) > 2 / 3 * len(c):
-        expansion.extend(c)
-    expansion = np.unique(expansion)
-    w = np.exp(-d[i, expansion])
-    v[i, expansion] = w / w.sum()
-  if k2 > 1:
-    v = np.stack([v[rank[i, :k2]].mean(axis=0) for i in range(n)])
+  v = reciprocal_v_ref(d, rank, k1, k2)
   jd = np.zeros((p, n - p))
   for q in range(p):
     for x in range(n - p):

@@ -32,6 +32,13 @@ def jit_model_fns(model: QAConvModel):
   return embed, match
 
 
+def lists_fn(model: QAConvModel, variables: dict):
+  """``match_lists(anchor, cands, anchor_is_probe)`` bound to ``variables``, jitted with the
+  variables as an argument (two-stage retrieval's re-scoring, docs/method.md §13)."""
+  fn = jax.jit(lambda v, a, c, aip: model.apply(v, a, c, aip, method=QAConvModel.match_lists))
+  return functools.partial(fn, variables)
+
+
 def model_fns(model: QAConvModel, variables: dict, jitted=None):
   """``embed(images)`` and ``match(probe, gallery)`` bound to ``variables`` (``jitted``:
   the pair from `jit_model_fns`, to reuse its compilations)."""
@@ -61,8 +68,9 @@ def _pictures(out_dir, name, query, gallery, result, image_size, n: int) -> None
     )
     strip.save(os.path.join(out_dir, f"{name}_q{q:04d}_top{len(ranked)}.png"))
     g = int(ranked[0])
-    maxima, idx = match_maxima_with_indices(
-      result["query_maps"][q : q + 1], result["gallery_maps"][g : g + 1]
+    maxima, idx = match_maxima_with_indices(  # maps may be stored in float16 / bfloat16
+      np.asarray(result["query_maps"][q : q + 1], np.float32),
+      np.asarray(result["gallery_maps"][g : g + 1], np.float32),
     )
     correspondences(
       eval_image(query, q, image_size),
@@ -87,21 +95,33 @@ def evaluate_variables(
   mesh = sharding.make_mesh()
   variables = sharding.replicate(variables, mesh)  # once, not per test set
   # Evaluation runs under its own numerics (eval.dtype: float32 at HIGHEST by default).
-  embed, match = model_fns(build_model(config.model, numerics=config.eval.dtype), variables)
+  model = build_model(config.model, numerics=config.eval.dtype)
+  embed, match = model_fns(model, variables)
+  lists = lists_fn(model, variables)
   image_size = tuple(config.data.image_size)
   out_dir = os.path.join(workdir, "eval")
   if main:
     os.makedirs(out_dir, exist_ok=True)
   # The distance is no part of the model, so the results say which one they come from.
   distance = config.eval.get("distance", "sigmoid")
-  summary, rows = {"step": int(step), "distance": distance, "testsets": {}}, []
+  # Two-stage results (eval.shortlist > 0, docs/method.md §13) are not exact mode's: say so.
+  shortlist = int(config.eval.get("shortlist", 0))
+  summary = {"step": int(step), "distance": distance, "shortlist": shortlist, "testsets": {}}
+  rows = []
   check_config(config, training=False)  # evaluate_variables is also called directly
   for name in testset_names(config.eval):
     src_cfg = materialize_synthetic(
       config.eval.sources[name], os.path.join(workdir, "data"), write=main
     )
     query, gallery = open_source(src_cfg, "query"), open_source(src_cfg, "gallery")
-    result = evaluate_testset(embed, match, query, gallery, config.eval, image_size, mesh)
+    memmap_dir = config.eval.get("gallery_memmap", "")
+    gallery_file = None
+    if memmap_dir:
+      os.makedirs(memmap_dir, exist_ok=True)
+      gallery_file = os.path.join(memmap_dir, f"{name}_gallery_maps.p{jax.process_index()}.bin")
+    result = evaluate_testset(
+      embed, match, query, gallery, config.eval, image_size, mesh, lists, gallery_file
+    )
     summary["testsets"][name] = result["results"]
     rows += [(name, m, r) for m, r in result["results"].items()]
     if not main:
@@ -127,7 +147,8 @@ def evaluate_variables(
     with open(os.path.join(out_dir, "results.json"), "w") as f:
       json.dump(summary, f, indent=2)
     if not quiet:
-      print(f"step {step}, eval.distance={distance}\n" + format_table(rows), flush=True)
+      mode = f"two-stage, eval.shortlist={shortlist}" if shortlist else "exact"
+      print(f"step {step}, eval.distance={distance}, {mode}\n" + format_table(rows), flush=True)
   return summary
 
 

@@ -28,9 +28,20 @@ def sort_keys(dist: np.ndarray) -> np.ndarray:
   return (ordered << np.uint64(32)) | np.arange(dist.shape[1], dtype=np.uint64)[None, :]
 
 
+def ranking_keys(dist, rows: np.ndarray) -> np.ndarray:
+  """`sort_keys` of the rows ``rows`` of a dense ``[P, G]`` distance, or of a ranking
+  object with its own ``sort_keys(rows)`` (two-stage retrieval's `ShortlistDistance`)."""
+  if isinstance(dist, np.ndarray):
+    return sort_keys(dist[rows])
+  return dist.sort_keys(rows)
+
+
 def _check(dist, query_pids, gallery_pids, query_cams, gallery_cams):
-  dist = np.asarray(dist)
-  if dist.ndim != 2:
+  if not isinstance(dist, np.ndarray) and hasattr(dist, "sort_keys"):
+    values = dist.values  # only the shortlists' distances are stored
+  else:
+    dist = values = np.asarray(dist)
+  if len(dist.shape) != 2:
     raise ValueError(f"dist must be [num_query, num_gallery], got shape {dist.shape}.")
   p, g = dist.shape
   if p == 0 or g == 0:
@@ -45,8 +56,8 @@ def _check(dist, query_pids, gallery_pids, query_cams, gallery_cams):
       raise ValueError(
         f"{name} must have length {n} to match dist {dist.shape}, got shape {np.shape(arr)}."
       )
-  if not np.isfinite(dist).all():
-    bad = np.argwhere(~np.isfinite(dist))[0]
+  if not np.isfinite(values).all():
+    bad = np.argwhere(~np.isfinite(values))[0]
     raise ValueError(f"dist holds NaN/Inf (first at query {bad[0]}, gallery {bad[1]}).")
   return dist
 
@@ -54,7 +65,7 @@ def _check(dist, query_pids, gallery_pids, query_cams, gallery_cams):
 def _rank_chunk(dist, rows, qp, qc, gp, gc, ap_mode):
   """First-hit rank, AP and INP of the queries ``rows`` (-1 / NaN where no valid positive)."""
   g = dist.shape[1]
-  order = (np.sort(sort_keys(dist[rows]), axis=1) & np.uint64(0xFFFFFFFF)).astype(np.int64)
+  order = (np.sort(ranking_keys(dist, rows), axis=1) & np.uint64(0xFFFFFFFF)).astype(np.int64)
   # Only same-pid items matter from here on: ~G/ids per query instead of G.
   r, c = np.nonzero(gp[order] == qp[rows, None])  # row-major: c ascending within a row
   removed = gc[order[r, c]] == qc[rows[r]]  # same pid AND same camera: not ranked
@@ -98,7 +109,8 @@ def evaluate_ranking(
   """Market-1501 protocol metrics.
 
   Args:
-    dist: ``[P, G]`` distances (smaller = more similar).
+    dist: ``[P, G]`` distances (smaller = more similar), or a ranking object with
+      ``shape`` and ``sort_keys(rows)`` (`two_stage.ShortlistDistance`).
     query_pids, query_cams: ``[P]``; gallery_pids, gallery_cams: ``[G]``.
     max_rank: length of the returned CMC curve.
     ap_mode: "step" (mean precision at each hit, = sklearn AP without ties) or "trapezoid"

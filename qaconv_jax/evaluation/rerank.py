@@ -61,6 +61,10 @@ class _Distances:
 
   def at(self, i: np.ndarray, j: np.ndarray) -> np.ndarray:
     """``D'[i, j]`` for index arrays of one shape: ``D[j, i] / colmax[i]``."""
+    return self.raw(i, j) / self.colmax[i]
+
+  def raw(self, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """``D[j, i]`` (the full distance, before the column maxima) for index arrays."""
     p = self.p
     out = np.empty(i.shape, np.float32)
     for iq in (True, False):
@@ -75,7 +79,7 @@ class _Distances:
           out[m] = self.qg[jj, ii - p]
         else:
           out[m] = self.gg[jj - p, ii - p]
-    return out / self.colmax[i]
+    return out
 
 
 def _neighbours(d: _Distances, k: int, block: int) -> np.ndarray:
@@ -92,11 +96,11 @@ def _neighbours(d: _Distances, k: int, block: int) -> np.ndarray:
     if len(tied):
       part[tied] = np.argsort(rows[tied], axis=1, kind="stable")[:, :k]
     vals = np.take_along_axis(rows, part, axis=1)
-    out[lo : lo + len(rows)] = _order_by_value_then_index(vals, part)
+    out[lo : lo + len(rows)] = order_by_value_then_index(vals, part)
   return out
 
 
-def _order_by_value_then_index(vals: np.ndarray, idx: np.ndarray) -> np.ndarray:
+def order_by_value_then_index(vals: np.ndarray, idx: np.ndarray) -> np.ndarray:
   """Rows of ``idx`` sorted by (``vals``, ``idx``); both ``[b, k]``."""
   o = np.argsort(idx, axis=1, kind="stable")
   vals, idx = np.take_along_axis(vals, o, axis=1), np.take_along_axis(idx, o, axis=1)
@@ -169,6 +173,37 @@ def k_reciprocal_rerank(
     raise ValueError(f"k1={k1} needs more than {k1} images; got {n}.")
   d = _Distances(qg, qq, gg)
   fwd = _neighbours(d, k1 + 1, block)  # [N, k1+1] (includes i itself, first)
+  original = qg / d.colmax[:p, None]  # D'[q, P + x], read straight from the q-g block
+  return rerank_from_lists(fwd, d.at, p, g, k2, lambda_value, original=original)
+
+
+def rerank_from_lists(
+  fwd: np.ndarray,
+  dprime,
+  p: int,
+  g: int,
+  k2: int,
+  lambda_value: float,
+  pairs=None,
+  original: np.ndarray | None = None,
+) -> np.ndarray:
+  """k-reciprocal re-ranking from neighbour lists (docs/method.md §6, §13).
+
+  Args:
+    fwd: ``[N, k1 + 1]`` the nearest columns of every row of ``D'`` (N = P + G, queries
+      first), ascending, ties by column index.
+    dprime: ``dprime(i, j) -> D'[i, j]`` float32 for index arrays of one shape (``D'``: the
+      full distance transposed, each row over its column maximum). Called for the entries
+      of each row's expanded k-reciprocal set and for the output pairs only.
+    p, g: query and gallery counts.
+    k2, lambda_value: as `k_reciprocal_rerank` (k1 is ``fwd.shape[1] - 1``).
+    pairs: None for the dense ``[P, G]`` result, or ``[P, K]`` gallery columns: the result
+      is then ``[P, K]`` at ``(q, pairs[q, s])`` (two-stage retrieval's shortlists).
+    original: ``D'`` at the result's pairs when the caller has it at hand (else read
+      through ``dprime``).
+  """
+  n, k = fwd.shape
+  k1 = k - 1
   recip = _reciprocal(fwd)
   half = int(np.around(k1 / 2))
   fwd_h = fwd[:, : half + 1]
@@ -184,7 +219,9 @@ def k_reciprocal_rerank(
   expanded = np.concatenate([r_cols, np.where(accept[..., None], cand, -1).reshape(n, -1)], axis=1)
   cols, _ = _unique_rows(expanded, np.zeros(expanded.shape, np.float32))  # the union
   rows = np.arange(n)[:, None].repeat(cols.shape[1], 1)
-  vals = np.where(cols >= 0, np.exp(-d.at(rows, np.maximum(cols, 0))), 0.0)
+  filled = cols >= 0
+  vals = np.zeros(cols.shape, np.float32)
+  vals[filled] = np.exp(-dprime(rows[filled], cols[filled]))
   total = vals.sum(axis=1, keepdims=True)  # softmax(-D'[i, R]); an empty R(i) stays all zero
   vals = (vals / np.where(total > 0, total, 1.0)).astype(np.float32)
 
@@ -192,14 +229,18 @@ def k_reciprocal_rerank(
     nb = fwd[:, :k2]
     cols, vals = _unique_rows(cols[nb].reshape(n, -1), (vals[nb] / k2).reshape(n, -1))
 
-  jaccard = _jaccard_distance(cols, vals, p, g)
-  original = qg / d.colmax[:p, None]  # D'[q, P + x]
+  jaccard = _jaccard_distance(cols, vals, p, g, pairs)
+  if original is None:
+    if pairs is None:
+      pairs = np.broadcast_to(np.arange(g), (p, g))
+    original = dprime(np.broadcast_to(np.arange(p)[:, None], pairs.shape), p + pairs)
   return ((1.0 - lambda_value) * jaccard + lambda_value * original).astype(np.float32)
 
 
-def _jaccard_distance(cols, vals, p, g, chunk: int = 512) -> np.ndarray:
+def _jaccard_distance(cols, vals, p, g, pairs=None, chunk: int = 512) -> np.ndarray:
   """``1 - m / (2 - m)`` with ``m[q, x] = sum_c min(V[q, c], V[P + x, c])``, via an
-  inverted index of the gallery rows' entries."""
+  inverted index of the gallery rows' entries: ``[P, G]``, or ``[P, K]`` at ``pairs``
+  (each chunk of queries is still computed against the whole gallery, ``[chunk, G]``)."""
   gal_cols, gal_vals = cols[p:], vals[p:]
   rows, slots = np.nonzero(gal_cols >= 0)
   ent_col, ent_row, ent_val = gal_cols[rows, slots], rows, gal_vals[rows, slots]
@@ -207,7 +248,7 @@ def _jaccard_distance(cols, vals, p, g, chunk: int = 512) -> np.ndarray:
   ent_col, ent_row, ent_val = ent_col[order], ent_row[order], ent_val[order]
   n = cols.shape[0] if cols.size else 0
   start = np.searchsorted(ent_col, np.arange(n + 1))
-  out = np.empty((p, g), np.float32)
+  out = np.empty((p, g) if pairs is None else pairs.shape, np.float32)
   for lo in range(0, p, chunk):
     hi = min(p, lo + chunk)
     q_rows, q_slots = np.nonzero(cols[lo:hi] >= 0)
@@ -221,5 +262,7 @@ def _jaccard_distance(cols, vals, p, g, chunk: int = 512) -> np.ndarray:
     m = np.bincount(
       q_rows[rep] * g + ent_row[ent], weights=contrib, minlength=(hi - lo) * g
     ).reshape(hi - lo, g)
+    if pairs is not None:
+      m = np.take_along_axis(m, pairs[lo:hi], axis=1)
     out[lo:hi] = 1.0 - m / (2.0 - m)
   return out

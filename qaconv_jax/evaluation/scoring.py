@@ -93,13 +93,17 @@ def extract_maps(
   batch_size: int,
   label: str = "features",
   mesh=None,
+  dtype=None,
+  out: np.ndarray | None = None,
 ) -> np.ndarray:
   """``[N, h, w, d]`` maps of every image of ``source`` in source order, on every process.
 
   ``embed_fn(images [B, H, W, 3]) -> [B, h, w, d]`` should be jitted. Each global batch
   (``batch_size`` rounded up to a multiple of the device count) is split over "data" of
   ``mesh`` (None: `sharding.make_mesh`); every call has the same shape (the last batch is
-  padded and its padding dropped).
+  padded and its padding dropped). ``dtype``: the stored maps' dtype (float16 / bfloat16
+  halve the memory; default as computed); ``out``: an ``[N, h, w, d]`` array (e.g. a
+  memory-mapped file) to write into batch by batch and return, instead of a new array.
   """
   mesh = mesh or sharding.make_mesh()
   devices = mesh.shape["data"]
@@ -108,18 +112,26 @@ def extract_maps(
   rows = sharding.local_rows(global_batch, mesh)
   fn, (args, kwargs) = _unbind(embed_fn)
   args, kwargs = sharding.replicate((args, kwargs), mesh)
-  out, pending = [], None
+  parts, pending = [], None
   bar = Progress(label, num_batches)
-  for local in _local_batches(source, image_size, rows, global_batch, num_batches):
+
+  def keep(maps: jax.Array, b: int) -> None:
+    host = sharding.to_host(maps)[: len(source) - b * global_batch]
+    host = host if dtype is None else host.astype(dtype)
+    if out is None:
+      parts.append(host)
+    else:
+      out[b * global_batch : b * global_batch + len(host)] = host
+    bar.update()
+
+  for b, local in enumerate(_local_batches(source, image_size, rows, global_batch, num_batches)):
     images = sharding.rows_to_global(local, rows, global_batch, mesh)
     maps = fn(*args, images, **kwargs)
     if pending is not None:  # gathered one batch behind, so the devices never wait for it
-      out.append(sharding.to_host(pending))
-      bar.update()
+      keep(pending, b - 1)
     pending = maps
-  out.append(sharding.to_host(pending))
-  bar.update()
-  return np.concatenate(out)[: len(source)]
+  keep(pending, num_batches - 1)
+  return out if out is not None else np.concatenate(parts)
 
 
 def block_shape(num_probe: int, num_gallery: int, hw: int, budget_bytes: float) -> tuple[int, int]:

@@ -64,18 +64,29 @@ class GapCosine(nn.Module):
   """The paper's baseline (Table 2): cosine of globally average-pooled, L2-normalised maps,
   then the same scalar ``logit_bn`` so it trains with the same class-memory loss.
 
-  ``(probe [p,h,w,d], gallery [g,h,w,d], train, gallery_mask [g] | None) -> logits [p, g]``.
+  ``(probe [p,h,w,d], gallery [g,h,w,d], train, gallery_mask [g] | None) -> logits [p, g]``;
+  with ``anchor_is_probe [B, K]``: anchors ``[B,h,w,d]`` x their candidates ``[B,K,h,w,d]``
+  -> ``[B, K]`` (the cosine is symmetric, so the roles do not matter).
   """
 
   precision: Any = jax.lax.Precision.HIGHEST
 
   @nn.compact
   def __call__(
-    self, probe: jax.Array, gallery: jax.Array, train: bool, gallery_mask: jax.Array | None = None
+    self,
+    probe: jax.Array,
+    gallery: jax.Array,
+    train: bool,
+    gallery_mask: jax.Array | None = None,
+    anchor_is_probe: jax.Array | None = None,
   ) -> jax.Array:
-    p = l2_normalize(probe.mean(axis=(1, 2)))  # [p, d]
-    g = l2_normalize(gallery.mean(axis=(1, 2)))  # [g, d]
-    cosine = jnp.dot(p, g.T, precision=self.precision)  # [p, g]
+    p = l2_normalize(probe.mean(axis=(1, 2)))  # [p, d] (lists: [B, d])
+    if anchor_is_probe is not None:
+      g = l2_normalize(gallery.mean(axis=(2, 3)))  # [B, K, d]
+      cosine = jnp.einsum("bd,bkd->bk", p, g, precision=self.precision)  # [B, K]
+    else:
+      g = l2_normalize(gallery.mean(axis=(1, 2)))  # [g, d]
+      cosine = jnp.dot(p, g.T, precision=self.precision)  # [p, g]
     mask = None if gallery_mask is None else gallery_mask[None, :]
     return BatchNorm(scalar=True, name="logit_bn")(cosine, train, mask)
 
@@ -85,6 +96,8 @@ class QAConvModel(nn.Module):
 
   ``embed(images [N, H, W, 3] in [0, 1], train) -> [N, h, w, d]`` unit feature maps;
   ``match(probe, gallery, train) -> logits [p, g]``;
+  ``match_lists(anchor [B,h,w,d], cands [B,K,h,w,d], anchor_is_probe [B,K]) -> [B, K]``
+  (inference mode; docs/method.md §13);
   ``__call__(images, memory=None, train, memory_mask=None, embed_train=None)`` ->
   ``(features, logits)``, matching the batch against ``memory [C, h, w, d]`` (or against
   itself when no memory is given: logits ``[b, b]``, QAConv 2.1's training scores);
@@ -108,6 +121,7 @@ class QAConvModel(nn.Module):
   match_block: tuple[int, int] | str | None = "auto"
   match_impl: str = "xla"
   memory_axis: str | None = None  # mesh axis the class memory is split over
+  anchors_per_step: int = 1  # match_lists: anchors vectorised together (speed only)
 
   def setup(self):
     if self.input_norm not in ("none", "imagenet"):
@@ -133,6 +147,7 @@ class QAConvModel(nn.Module):
         dtype=self.dtype,
         precision=self.precision,
         gallery_axis=self.memory_axis,
+        anchors_per_step=self.anchors_per_step,
       )
 
   def embed(self, images: jax.Array, train: bool) -> jax.Array:
@@ -144,6 +159,11 @@ class QAConvModel(nn.Module):
     self, probe: jax.Array, gallery: jax.Array, train: bool, gallery_mask: jax.Array | None = None
   ) -> jax.Array:
     return self.qaconv(probe, gallery, train, gallery_mask)
+
+  def match_lists(
+    self, anchor: jax.Array, cands: jax.Array, anchor_is_probe: jax.Array
+  ) -> jax.Array:
+    return self.qaconv(anchor, cands, False, None, anchor_is_probe)
 
   def __call__(
     self,

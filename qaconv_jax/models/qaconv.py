@@ -15,6 +15,7 @@ from flax import linen as nn
 from qaconv_jax.errors import ConfigError
 from qaconv_jax.models.init import uniform
 from qaconv_jax.models.matching import DEFAULT_BLOCK, match_maxima, match_maxima_with_indices
+from qaconv_jax.models.matching_lists import match_maxima_lists
 from qaconv_jax.models.norm import BatchNorm
 
 
@@ -30,6 +31,11 @@ class QAConv(nn.Module):
   ``gallery_axis``, the mesh axis the gallery (class memory) is split over.
   ``gallery_mask [g]`` (train mode) marks the real gallery rows: padding rows of a split
   memory are kept out of the BN statistics.
+
+  Candidate lists (evaluation, docs/method.md §13): with ``anchor_is_probe [B, K]`` given,
+  ``probe`` is ``[B, h, w, d]`` anchors and ``gallery`` ``[B, K, h, w, d]`` their
+  candidates; the logits ``[B, K]`` are those of each (anchor, candidate) pair in the
+  roles ``anchor_is_probe`` says (`match_maxima_lists`).
   """
 
   head: str = "v1"
@@ -38,21 +44,38 @@ class QAConv(nn.Module):
   dtype: Any = jnp.float32
   precision: Any = jax.lax.Precision.HIGHEST
   gallery_axis: str | None = None
+  anchors_per_step: int = 1
 
   @nn.compact
   def __call__(
-    self, probe: jax.Array, gallery: jax.Array, train: bool, gallery_mask: jax.Array | None = None
+    self,
+    probe: jax.Array,
+    gallery: jax.Array,
+    train: bool,
+    gallery_mask: jax.Array | None = None,
+    anchor_is_probe: jax.Array | None = None,
   ) -> jax.Array:
     if self.head not in ("v1", "v2"):
       raise ConfigError(f"QAConv head must be 'v1' or 'v2', got {self.head!r}.")
-    x = match_maxima(
-      probe.astype(self.dtype),
-      gallery.astype(self.dtype),
-      block=self.block,
-      impl=self.impl,
-      precision=self.precision,
-      gallery_axis=self.gallery_axis,
-    )  # [p, g, 2hw] float32
+    if anchor_is_probe is not None:
+      if train:
+        raise ValueError("candidate lists are scored in inference mode only (train=False).")
+      x = match_maxima_lists(
+        probe.astype(self.dtype),
+        gallery.astype(self.dtype),
+        anchor_is_probe,
+        precision=self.precision,
+        anchors_per_step=self.anchors_per_step,
+      )  # [B, K, 2hw] float32
+    else:
+      x = match_maxima(
+        probe.astype(self.dtype),
+        gallery.astype(self.dtype),
+        block=self.block,
+        impl=self.impl,
+        precision=self.precision,
+        gallery_axis=self.gallery_axis,
+      )  # [p, g, 2hw] float32
     hw = x.shape[-1] // 2
     mask = None if gallery_mask is None else gallery_mask[None, :, None]  # [1, g, 1]
     x = BatchNorm(scalar=True, name="bn")(x, train, mask)
@@ -66,7 +89,7 @@ class QAConv(nn.Module):
         precision=self.precision,
         name="fc",
       )
-      logits = fc(x)[..., 0]  # [p, g]
+      logits = fc(x)[..., 0]  # [p, g] (lists: [B, K])
     else:
       fc = nn.Dense(
         1,
@@ -117,6 +140,7 @@ def logit_distance(logits: jax.Array, kind: str = "sigmoid") -> jax.Array:
 __all__ = [
   "match_maxima",
   "match_maxima_with_indices",
+  "match_maxima_lists",
   "QAConv",
   "qaconv_score",
   "qaconv_distance",
