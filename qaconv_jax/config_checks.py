@@ -65,6 +65,15 @@ def eval_problems(cfg: ml_collections.ConfigDict) -> list[str]:
   ):
     if not ok:
       out.append(f"eval.{key}={value!r}: expected {expected}")
+  if not isinstance(cfg.get("gallery_memmap", ""), str):
+    out.append(
+      f"eval.gallery_memmap={cfg.gallery_memmap!r}: expected a directory path, or '' (RAM)"
+    )
+  if _is_count(neighbours, 1) and shortlist == 0:
+    out.append(
+      f"eval.neighbour_shortlist={neighbours} has no effect in exact mode (eval.shortlist=0): "
+      "set eval.shortlist too, or leave it 0"
+    )
   if not _is_count(neighbours, 0):
     out.append(f"eval.neighbour_shortlist={neighbours!r}: expected an integer >= 0")
   elif cfg.rerank and _is_count(shortlist, 1) and _is_count(cfg.k1, 1):

@@ -208,7 +208,10 @@ def test_eval_py_two_stage_with_half_maps_on_disk(tiny_config, tmp_path):
   workdir, maps = str(tmp_path / "run"), str(tmp_path / "maps")
   _save_tiny_checkpoint(tiny_config, workdir)
   flags = [
+    "--config.eval.testsets=synthetic_b,synthetic_a",  # two sets: nothing carries over
+    "--config.eval.sources.synthetic_a.synthetic_ids=12",
     "--config.eval.shortlist=30",
+    "--config.eval.shortlist_far=0",
     "--config.eval.map_dtype=float16",
     f"--config.eval.gallery_memmap={maps}",
     "--visualize",
@@ -227,13 +230,13 @@ def test_eval_py_two_stage_with_half_maps_on_disk(tiny_config, tmp_path):
   with open(os.path.join(workdir, "eval", "results.json")) as f:
     results = json.load(f)
   assert results["shortlist"] == 30
-  methods = results["testsets"]["synthetic_b"]
-  assert list(methods) == ["QAConv", "QAConv+TLift", "QAConv+RR", "QAConv+RR+TLift"]
-  for r in methods.values():
-    assert 0 < r["mAP"] <= 100 and r["num_valid_queries"] > 0
-  (name,) = os.listdir(maps)  # written by process 0 of this one-process run
-  assert name == "synthetic_b_gallery_maps.p0.bin" and os.path.getsize(os.path.join(maps, name))
-  assert len(os.listdir(os.path.join(workdir, "eval", "pictures"))) == 2
+  for testset in ("synthetic_b", "synthetic_a"):
+    methods = results["testsets"][testset]
+    assert list(methods) == ["QAConv", "QAConv+TLift", "QAConv+RR", "QAConv+RR+TLift"]
+    for r in methods.values():
+      assert 0 < r["mAP"] <= 100 and r["num_valid_queries"] > 0
+  assert os.listdir(maps) == []  # the scratch gallery files are removed after each set
+  assert len(os.listdir(os.path.join(workdir, "eval", "pictures"))) == 4
 
 
 def test_checkpoint_from_another_model_is_refused(tiny_config, tmp_path):

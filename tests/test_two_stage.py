@@ -315,6 +315,7 @@ FULL_SHORTLISTS = [  # (distance, rerank, tlift, shortlist >= G; >= N for re-ran
   ("sigmoid", True, True, N_ + 5),
   ("neg_logit", True, True, N_),
   ("neg_logit", False, False, G_ + 1),
+  ("sigmoid", True, False, G_),  # K = G < N: re-ranking reads every pair too
 ]
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from qaconv_jax.evaluation.rerank import _Distances, column_maxima, k_reciprocal_rerank
-from qaconv_jax.evaluation.rerank_lists import shortlist_rerank
+from qaconv_jax.evaluation.rerank_lists import KnownDistances, neighbour_lists, shortlist_rerank
 from qaconv_jax.evaluation.testset import _group_pairs
 from tests.reference import reciprocal_v_ref
 from tests.test_rerank import _clustered
@@ -114,8 +114,12 @@ def test_too_few_known_neighbours_are_refused():
   n = p + g
   neighbours = np.stack([np.r_[i, (i + 1) % n] for i in range(n)])
   lists = _lists_from_dense(d, np.zeros((p, 1), np.int64), neighbours, neighbours[:, :0])
-  with pytest.raises(ValueError, match=r"re-ranking needs k1 \+ 1 = 4"):
+  with pytest.raises(ValueError, match=r"of 2 images; re-ranking needs each image's k1 \+ 1 = 4"):
     shortlist_rerank(d.raw, **lists, k1=3, k2=2)
+  # A row that knows fewer entries than its list is long (duplicates) is refused too.
+  known = KnownDistances(3, [0, 0, 1, 1, 2, 2], [0, 0, 1, 0, 2, 1], np.ones(6))
+  with pytest.raises(ValueError, match=r"image 0 has 1 scored neighbours; re-ranking needs"):
+    neighbour_lists(known, np.ones(3, np.float32), 2)
 
 
 @pytest.mark.parametrize("group", [1, 3, 4, 16])

@@ -81,6 +81,29 @@ def _pictures(out_dir, name, query, gallery, result, image_size, n: int) -> None
     ).save(os.path.join(out_dir, f"{name}_q{q:04d}_matches.png"))
 
 
+def _report(name, query, gallery, result, config, out_dir, image_size, visualize, main) -> None:
+  """Process 0: one test set's notes, per-query top-k lists and pictures."""
+  if not main:
+    return
+  for note in result["notes"]:
+    print(f"{name}: {note}", flush=True)
+  ranked = [
+    {
+      "query": query.names[q],
+      "pid": int(query.pids[q]),
+      "camera": int(query.cameras[q]),
+      **{m: [gallery.names[g] for g in t[q]] for m, t in result["topk"].items()},
+    }
+    for q in range(len(query))
+  ]
+  with open(os.path.join(out_dir, f"{name}_top{config.eval.topk}.json"), "w") as f:
+    json.dump(ranked, f)
+  if visualize:
+    _pictures(
+      os.path.join(out_dir, "pictures"), name, query, gallery, result, image_size, visualize
+    )
+
+
 def evaluate_variables(
   config: ml_collections.ConfigDict,
   workdir: str,
@@ -97,7 +120,7 @@ def evaluate_variables(
   # Evaluation runs under its own numerics (eval.dtype: float32 at HIGHEST by default).
   model = build_model(config.model, numerics=config.eval.dtype)
   embed, match = model_fns(model, variables)
-  lists = lists_fn(model, variables)
+  match_lists = lists_fn(model, variables)
   image_size = tuple(config.data.image_size)
   out_dir = os.path.join(workdir, "eval")
   if main:
@@ -118,31 +141,20 @@ def evaluate_variables(
     gallery_file = None
     if memmap_dir:
       os.makedirs(memmap_dir, exist_ok=True)
-      gallery_file = os.path.join(memmap_dir, f"{name}_gallery_maps.p{jax.process_index()}.bin")
-    result = evaluate_testset(
-      embed, match, query, gallery, config.eval, image_size, mesh, lists, gallery_file
-    )
+      # Process and pid in the name: concurrent evaluations never share a file.
+      gallery_file = os.path.join(
+        memmap_dir, f"{name}_gallery_maps.p{jax.process_index()}.{os.getpid()}.bin"
+      )
+    try:
+      result = evaluate_testset(
+        embed, match, query, gallery, config.eval, image_size, mesh, match_lists, gallery_file
+      )
+      _report(name, query, gallery, result, config, out_dir, image_size, visualize, main)
+    finally:
+      if gallery_file and os.path.exists(gallery_file):
+        os.remove(gallery_file)  # a scratch file: nothing reads it after this test set
     summary["testsets"][name] = result["results"]
     rows += [(name, m, r) for m, r in result["results"].items()]
-    if not main:
-      continue
-    for note in result["notes"]:
-      print(f"{name}: {note}", flush=True)
-    lists = [
-      {
-        "query": query.names[q],
-        "pid": int(query.pids[q]),
-        "camera": int(query.cameras[q]),
-        **{m: [gallery.names[g] for g in t[q]] for m, t in result["topk"].items()},
-      }
-      for q in range(len(query))
-    ]
-    with open(os.path.join(out_dir, f"{name}_top{config.eval.topk}.json"), "w") as f:
-      json.dump(lists, f)
-    if visualize:
-      _pictures(
-        os.path.join(out_dir, "pictures"), name, query, gallery, result, image_size, visualize
-      )
   if main:
     with open(os.path.join(out_dir, "results.json"), "w") as f:
       json.dump(summary, f, indent=2)

@@ -58,7 +58,8 @@ def _check(dist, query_pids, gallery_pids, query_cams, gallery_cams):
       )
   if not np.isfinite(values).all():
     bad = np.argwhere(~np.isfinite(values))[0]
-    raise ValueError(f"dist holds NaN/Inf (first at query {bad[0]}, gallery {bad[1]}).")
+    column = bad[1] if values is dist else dist.index[bad[0], bad[1]]  # a shortlist slot's item
+    raise ValueError(f"dist holds NaN/Inf (first at query {bad[0]}, gallery {column}).")
   return dist
 
 
@@ -129,8 +130,12 @@ def evaluate_ranking(
   gp, gc = np.asarray(gallery_pids), np.asarray(gallery_cams)
   p = dist.shape[0]
   chunks = [np.arange(s, min(p, s + chunk)) for s in range(0, p, chunk)]
-  # numpy's sort releases the GIL: one chunk per core at a time.
-  with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+  # numpy's sort releases the GIL: one chunk per core at a time. A two-stage ranking also
+  # holds a [chunk, G] cosine block per chunk (and runs a BLAS matmul): at most 4 at once.
+  workers = os.cpu_count() or 1
+  if not isinstance(dist, np.ndarray):
+    workers = min(workers, 4)
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
     parts = list(pool.map(lambda rows: _rank_chunk(dist, rows, qp, qc, gp, gc, ap_mode), chunks))
   first_hit, ap, inp = (np.concatenate(x) for x in zip(*parts))
   valid = first_hit >= 0

@@ -99,6 +99,13 @@ def shortlist_rerank(
   check_rerank_params(k1, k2, lambda_value)
   p, n = len(index), len(neighbours)
   g = n - p
+  if k1 + 1 > n:
+    raise ValueError(f"k1={k1} needs more than {k1} images; got {n}.")
+  if neighbours.shape[1] < k1 + 1:  # else far or shortlist entries would pass for neighbours
+    raise ValueError(
+      f"neighbour shortlists of {neighbours.shape[1]} images; re-ranking needs each image's "
+      f"k1 + 1 = {k1 + 1} nearest (a longer eval.neighbour_shortlist / eval.shortlist)."
+    )
   rows = [
     np.repeat(np.arange(n), neighbours.shape[1]),
     np.repeat(np.arange(n), far.shape[1]),

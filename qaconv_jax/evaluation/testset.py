@@ -294,18 +294,21 @@ def _two_stage(match_fn, lists_fn, q_maps, g_maps, cfg, mesh, distance, tlift_ar
   if cfg.rerank:
     all_desc = np.concatenate([q_desc, g_desc])
     far = min(int(cfg.get("shortlist_far", 10)), n)
-    num_near = min(int(cfg.get("neighbour_shortlist", 0) or cfg.shortlist), n)
+    # K >= G asks for every q-g pair: re-ranking then reads every pair too, as exact mode.
+    num_near = n if k == g else min(int(cfg.get("neighbour_shortlist", 0) or cfg.shortlist), n)
     near, _, far_idx = nearest(all_desc, all_desc, num_near, far, mesh=mesh)
     clock.lap("global shortlists")
     rows = np.arange(n)[:, None]
-    if num_near == n and k == g:  # every pair: the q-q and g-g blocks, as exact mode has them
+    if k == g:  # every pair: the q-q and g-g blocks, as exact mode has them
       full = _Distances(dist_qg, cross(q_maps, q_maps), cross(g_maps, g_maps))
       d_near = full.raw(np.broadcast_to(rows, near.shape), near)
       d_far = full.raw(np.broadcast_to(rows, far_idx.shape), far_idx)
       pairs += p * p + g * g
     else:
       _, d_near = score(rows[:, 0], near, (rows < p) & (near >= p), "neighbour shortlists")
-      _, d_far = score(rows[:, 0], far_idx, (rows < p) & (far_idx >= p), "farthest images")
+      d_far = np.zeros(far_idx.shape, np.float32)
+      if far:
+        _, d_far = score(rows[:, 0], far_idx, (rows < p) & (far_idx >= p), "farthest images")
       pairs += near.size + far_idx.size
     clock.lap("QAConv re-scoring")
 
@@ -327,7 +330,8 @@ def _two_stage(match_fn, lists_fn, q_maps, g_maps, cfg, mesh, distance, tlift_ar
       if tlift_args:
         dists["QAConv+RR+TLift"] = base.with_values(lift(1.0 - reranked))
   stats["qaconv_pairs"] = pairs
-  clock.lap("TLift")
+  if tlift_args and cfg.rerank:
+    clock.lap("TLift")
   return dists, stats
 
 

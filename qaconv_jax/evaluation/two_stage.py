@@ -173,12 +173,16 @@ def gather_on_device(table: MapTable, mode: str = "auto", mesh=None) -> bool:
     raise ValueError(f"lists_gather={mode!r}: expected one of {GATHERS}.")
   if mode != "auto":
     return mode == "device"
-  device = (mesh or sharding.make_mesh()).devices.flat[0]
+  device = jax.local_devices()[0]
   if device.platform == "cpu":
     return False
-  size = (len(table.query) + len(table.gallery)) * table.query[0].nbytes
-  limit = (device.memory_stats() or {}).get("bytes_limit", 0)
-  return size <= limit / 2
+  size = len(table) * math.prod(table.query.shape[1:]) * table.query.dtype.itemsize
+  fits = size <= (device.memory_stats() or {}).get("bytes_limit", 0) / 2
+  if jax.process_count() > 1:  # one decision for all: the processes run one program
+    from jax.experimental import multihost_utils
+
+    fits = bool(multihost_utils.broadcast_one_to_all(np.array(fits)))
+  return fits
 
 
 def device_table(table: MapTable, mesh=None) -> jax.Array:
@@ -191,7 +195,7 @@ def lists_batch(num_cands: int, map_shape: tuple, itemsize: int, budget_bytes: f
   """Anchors per device and call whose gathered candidate maps (with their float32
   copy and one anchor's ``[K, hw, hw]`` similarities) fit ``budget_bytes``."""
   h, w, d = map_shape
-  per_anchor = num_cands * h * w * d * (itemsize + 4)
+  per_anchor = max(1, num_cands) * h * w * d * (itemsize + 4)
   # At most 8: larger gathers cost page faults on CPU and gained nothing measured.
   return max(1, min(8, int((budget_bytes - num_cands * (h * w) ** 2 * 4) // per_anchor)))
 

@@ -80,6 +80,8 @@ class GapCosine(nn.Module):
     gallery_mask: jax.Array | None = None,
     anchor_is_probe: jax.Array | None = None,
   ) -> jax.Array:
+    # Maps stored in float16 / bfloat16 (eval.map_dtype) are pooled in float32.
+    probe, gallery = probe.astype(jnp.float32), gallery.astype(jnp.float32)
     p = l2_normalize(probe.mean(axis=(1, 2)))  # [p, d] (lists: [B, d])
     if anchor_is_probe is not None:
       g = l2_normalize(gallery.mean(axis=(2, 3)))  # [B, K, d]
