@@ -12,7 +12,7 @@ import numpy as np
 
 from qaconv_jax import sharding
 from qaconv_jax.evaluation.metrics import evaluate_ranking, ranking_keys
-from qaconv_jax.evaluation.rerank import _Distances, column_maxima, k_reciprocal_rerank
+from qaconv_jax.evaluation.rerank import column_maxima, k_reciprocal_rerank
 from qaconv_jax.evaluation.rerank_lists import shortlist_rerank
 from qaconv_jax.evaluation.scoring import extract_maps, pairwise_distance
 from qaconv_jax.evaluation.tlift import temporal_lift
@@ -242,8 +242,9 @@ def _exact(match_fn, q_maps, g_maps, cfg, mesh, distance, tlift_args, notes):
 def _two_stage(match_fn, lists_fn, q_maps, g_maps, cfg, mesh, distance, tlift_args, notes, clock):
   """Shortlists by the global descriptor, re-scored by QAConv (docs/method.md §13).
 
-  A shortlist as long as what it lists from is the cross product: it is scored by the
-  exact scorer (`pairwise_distance`), so K >= G gives exact mode's distances bit for bit.
+  K >= G lists every pair: that is exact mode itself (`_exact`, re-ranking and TLift
+  included), its rows read at each query's shortlist, so the distances are exact mode's bit
+  for bit.
   """
   p, g = len(q_maps), len(g_maps)
   n = p + g
@@ -251,9 +252,20 @@ def _two_stage(match_fn, lists_fn, q_maps, g_maps, cfg, mesh, distance, tlift_ar
   q_desc, g_desc = global_descriptors(q_maps), global_descriptors(g_maps)
   budget = cfg.memory_budget_gb * 2**30
   itemsize = np.dtype(q_maps.dtype).itemsize
-  cross = functools.partial(
-    pairwise_distance, match_fn, budget_bytes=budget, mesh=mesh, distance=distance
-  )
+  k = min(int(cfg.shortlist), g)
+  index, _, _ = nearest(q_desc, g_desc, k, mesh=mesh)  # [P, K]
+  clock.lap("global shortlists")
+  if k == g:
+    dense, stats = _exact(match_fn, q_maps, g_maps, cfg, mesh, distance, tlift_args, notes)
+    clock.lap("QAConv re-scoring")
+    dists = {
+      m: ShortlistDistance(index, np.take_along_axis(d, index, axis=1), q_desc, g_desc)
+      for m, d in dense.items()
+    }
+    stats["shortlist"] = k
+    if cfg.rerank:  # every pair was scored: none on demand
+      stats.update(known_pairs=n * n, scored_on_demand=0)
+    return dists, stats
 
   on_device = None
   if gather_on_device(table, cfg.get("lists_gather", "auto"), mesh):
@@ -266,25 +278,13 @@ def _two_stage(match_fn, lists_fn, q_maps, g_maps, cfg, mesh, distance, tlift_ar
     )
     return logits, np.asarray(logit_distance(logits, distance))
 
-  k = min(int(cfg.shortlist), g)
-  index, _, _ = nearest(q_desc, g_desc, k, mesh=mesh)  # [P, K]
-  clock.lap("global shortlists")
-  if k == g:
-    dist_qg, logits_qg = cross(q_maps, g_maps, label="query x gallery", return_logits=True)
-    logits = np.take_along_axis(logits_qg, index, axis=1)
-    dist = np.take_along_axis(dist_qg, index, axis=1)
-  else:
-    logits, dist = score(np.arange(p), p + index, np.ones(index.shape, bool), "query shortlists")
+  logits, dist = score(np.arange(p), p + index, np.ones(index.shape, bool), "query shortlists")
   pairs = index.size
   clock.lap("QAConv re-scoring")
   base = ShortlistDistance(index, dist, q_desc, g_desc)
   dists = {"QAConv": base}
 
   def lift(similarity):  # [P, K] -> distances [P, K]
-    if k == g:  # the cross product: exact mode's (dense, on device) TLift, bit for bit
-      dense = np.empty((p, g), np.float32)
-      np.put_along_axis(dense, index, similarity, axis=1)
-      return 1.0 - np.take_along_axis(np.asarray(temporal_lift(dense, *tlift_args)), index, 1)
     return 1.0 - temporal_lift_lists(similarity, index, *tlift_args)
 
   if tlift_args:
@@ -294,22 +294,15 @@ def _two_stage(match_fn, lists_fn, q_maps, g_maps, cfg, mesh, distance, tlift_ar
   if cfg.rerank:
     all_desc = np.concatenate([q_desc, g_desc])
     far = min(int(cfg.get("shortlist_far", 10)), n)
-    # K >= G asks for every q-g pair: re-ranking then reads every pair too, as exact mode.
-    num_near = n if k == g else min(int(cfg.get("neighbour_shortlist", 0) or cfg.shortlist), n)
+    num_near = min(int(cfg.get("neighbour_shortlist", 0) or cfg.shortlist), n)
     near, _, far_idx = nearest(all_desc, all_desc, num_near, far, mesh=mesh)
     clock.lap("global shortlists")
     rows = np.arange(n)[:, None]
-    if k == g:  # every pair: the q-q and g-g blocks, as exact mode has them
-      full = _Distances(dist_qg, cross(q_maps, q_maps), cross(g_maps, g_maps))
-      d_near = full.raw(np.broadcast_to(rows, near.shape), near)
-      d_far = full.raw(np.broadcast_to(rows, far_idx.shape), far_idx)
-      pairs += p * p + g * g
-    else:
-      _, d_near = score(rows[:, 0], near, (rows < p) & (near >= p), "neighbour shortlists")
-      d_far = np.zeros(far_idx.shape, np.float32)
-      if far:
-        _, d_far = score(rows[:, 0], far_idx, (rows < p) & (far_idx >= p), "farthest images")
-      pairs += near.size + far_idx.size
+    _, d_near = score(rows[:, 0], near, (rows < p) & (near >= p), "neighbour shortlists")
+    d_far = np.zeros(far_idx.shape, np.float32)
+    if far:
+      _, d_far = score(rows[:, 0], far_idx, (rows < p) & (far_idx >= p), "farthest images")
+    pairs += near.size + far_idx.size
     clock.lap("QAConv re-scoring")
 
     def score_pairs(i, j, group=16):  # D[j, i] of pairs no list holds, grouped by anchor
