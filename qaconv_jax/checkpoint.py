@@ -103,6 +103,19 @@ def restore_with_meta(
     mngr.close()
 
 
+def restore_variables(config, workdir: str, step: int | None = None):
+  """``(step, {"params", "batch_stats"})`` of ``workdir``'s checkpoint for ``config.model``,
+  refused (`CheckpointMismatch`) when written for another model or lacking the matcher."""
+  step, state = restore_latest(workdir, step, model_cfg=config.model.to_dict())
+  absent = {"neck", "qaconv"} - set(state["params"])
+  if absent:
+    raise CheckpointMismatch(
+      f"{workdir} holds no {' or '.join(sorted(absent))} weights (a converted ImageNet "
+      "backbone?): train from it with config.init_from, then use the training workdir."
+    )
+  return step, {"params": state["params"], "batch_stats": state["batch_stats"]}
+
+
 def _restore(mngr, workdir, step, target, model_cfg, same):
   steps = mngr.all_steps()
   if not steps:

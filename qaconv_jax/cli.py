@@ -48,6 +48,30 @@ def run_plain(main: Callable[[list[str]], object]) -> None:
     main([a for a in argv if a != "--debug"])
 
 
+def add_distributed_args(parser) -> None:
+  """An argparse entry point's multi-host flags (as train.py's): every host passes
+  ``--coordinator-address HOST:PORT --num-processes N --process-id I``, or ``--distributed``
+  alone where `jax.distributed` finds them itself (Cloud TPU, SLURM, ...)."""
+  parser.add_argument("--coordinator-address", help="jax.distributed coordinator HOST:PORT.")
+  parser.add_argument("--num-processes", type=int, help="Processes (hosts) in the run.")
+  parser.add_argument("--process-id", type=int, help="This process's index.")
+  parser.add_argument(
+    "--distributed", action="store_true", help="jax.distributed.initialize() from the environment."
+  )
+
+
+def init_distributed(args) -> None:
+  """`jax.distributed.initialize` when `add_distributed_args`' flags ask for it."""
+  if args.coordinator_address or args.num_processes or args.distributed:
+    import jax
+
+    jax.distributed.initialize(
+      coordinator_address=args.coordinator_address,
+      num_processes=args.num_processes,
+      process_id=args.process_id,
+    )
+
+
 def run(main: Callable[[list[str]], object]) -> None:
   """``absl.app.run(main)`` with quiet library logs and one-line errors (module docstring)."""
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 
+from qaconv_jax.models.qaconv import match_maxima_with_indices
+
 GREEN, RED, BLUE = (40, 190, 60), (220, 40, 40), (60, 90, 220)
 
 
@@ -68,3 +70,16 @@ def correspondences(
     for x, y in (a, b):
       draw.ellipse([x - 3, y - 3, x + 3, y + 3], outline=colour, width=2)
   return canvas
+
+
+def match_picture(
+  query: np.ndarray, gallery: np.ndarray, query_map: np.ndarray, gallery_map: np.ndarray
+) -> Image.Image:
+  """`correspondences` of one pair from its images (uint8 ``[H, W, 3]``) and unit maps
+  (``[h, w, d]``, any stored dtype): the matcher's maxima and argmaxima found here."""
+  maxima, idx = match_maxima_with_indices(
+    np.asarray(query_map, np.float32)[None], np.asarray(gallery_map, np.float32)[None]
+  )  # [1, 1, 2hw] each
+  return correspondences(
+    query, gallery, np.asarray(maxima[0, 0]), np.asarray(idx[0, 0]), query_map.shape[:2]
+  )

@@ -47,3 +47,38 @@ def tiny_data(tiny_config):
   from qaconv_jax.data.synthetic import make_identity_set
 
   return make_identity_set(8, 8, seed=0, size=tuple(tiny_config.data.image_size))
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+  """A tiny model trained by train.py (2 steps on synthetic domain a) and the synthetic_b
+  test tree it is evaluated on: ``{"workdir", "root"}`` (root: a Market-1501 layout)."""
+  import subprocess
+  import sys
+
+  from configs.default import get_config
+  from qaconv_jax.data.pipeline import materialize_synthetic
+
+  workdir = str(tmp_path_factory.mktemp("trained"))
+  root_dir = pathlib.Path(__file__).resolve().parent.parent
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "train.py",
+      "--config",
+      "configs/default.py:tiny",
+      "--workdir",
+      workdir,
+      "--config.max_steps=2",
+      "--config.eval.testsets=",
+    ],
+    cwd=root_dir,
+    env={**os.environ, "JAX_PLATFORMS": PLATFORM},
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  source = get_config("tiny").eval.sources.synthetic_b
+  root = materialize_synthetic(source, os.path.join(workdir, "data")).root
+  return {"workdir": workdir, "root": root}

@@ -1,5 +1,7 @@
 """Helpers of the training tests: configs with overrides, and a checkpoint's leaves."""
 
+import os
+
 import jax
 import numpy as np
 
@@ -25,3 +27,20 @@ def checkpoint_leaves(workdir):
   step, state = checkpoint.restore_latest(workdir)
   flat = jax.tree_util.tree_flatten_with_path(state)[0]
   return step, {jax.tree_util.keystr(p): np.asarray(v) for p, v in flat}
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cli_env(devices: int | None = None) -> dict:
+  """The environment of a command-line subprocess: CPU, the suite's persistent compilation
+  cache (conftest.py), and with ``devices`` that many simulated CPU devices."""
+  env = {
+    **os.environ,
+    "JAX_PLATFORMS": "cpu",
+    "JAX_COMPILATION_CACHE_DIR": os.path.join(ROOT, ".cache", "jax"),
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+  }
+  if devices:
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  return env

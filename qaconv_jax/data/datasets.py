@@ -20,6 +20,7 @@ from collections.abc import Callable
 import numpy as np
 
 from qaconv_jax.data import timestamps
+from qaconv_jax.data.filenames import CUHK03_NAME, DUKE_NAME, MARKET_NAME, MSMT17_CAMERAS
 from qaconv_jax.errors import ConfigError, DataError
 
 SPLIT_DIRS = {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}
@@ -28,12 +29,6 @@ MSMT_LISTS = {
   "query": ("list_query.txt",),
   "gallery": ("list_gallery.txt",),
 }
-
-MSMT17_CAMERAS = 15
-
-_MARKET = re.compile(r"^(-?\d+)_c(\d)s(\d)_(\d+)_(\d+)\.jpg$")
-_DUKE = re.compile(r"^(-?\d+)_c(\d+)_f(\d+)\.jpg$")
-_CUHK03 = re.compile(r"^(-?\d+)_c(\d+)_\d+\.png$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,7 +119,7 @@ def _market(root: str) -> dict[str, list[Record]]:
     folder = os.path.join(root, sub)
     rows = []
     for f in _list_images(folder, ".jpg", "market1501"):
-      m = _match(_MARKET, f, folder, "0002_c1s1_000451_03.jpg")
+      m = _match(MARKET_NAME, f, folder, "0002_c1s1_000451_03.jpg")
       pid, cam, session, frame = (int(m.group(i)) for i in range(1, 5))
       # Junk included: a camera-0 file is malformed whatever its pid.
       where = os.path.join(folder, f)
@@ -173,7 +168,7 @@ def _duke(root: str) -> dict[str, list[Record]]:
   return _folder_splits(
     root,
     "dukemtmc",
-    _DUKE,
+    DUKE_NAME,
     ".jpg",
     "0001_c2_f0046182.jpg",
     lambda m: timestamps.duke_time(int(m.group(2)), int(m.group(3))),
@@ -183,7 +178,7 @@ def _duke(root: str) -> dict[str, list[Record]]:
 
 def _cuhk03(name: str) -> Callable[[str], dict[str, list[Record]]]:
   return lambda root: _folder_splits(
-    root, name, _CUHK03, ".png", "0001_c1_1.png", lambda m: math.nan, None
+    root, name, CUHK03_NAME, ".png", "0001_c1_1.png", lambda m: math.nan, None
   )
 
 

@@ -12,15 +12,13 @@ import os
 
 import jax
 import ml_collections
-import numpy as np
 
 from qaconv_jax import checkpoint, sharding
 from qaconv_jax.config_checks import check_config, testset_names
 from qaconv_jax.data.pipeline import eval_image, materialize_synthetic, open_source
 from qaconv_jax.evaluation.testset import evaluate_testset
 from qaconv_jax.models.model import QAConvModel, build_model
-from qaconv_jax.models.qaconv import match_maxima_with_indices
-from qaconv_jax.visualize import correspondences, ranking_strip
+from qaconv_jax.visualize import match_picture, ranking_strip
 
 
 def jit_model_fns(model: QAConvModel):
@@ -58,7 +56,6 @@ def _pictures(out_dir, name, query, gallery, result, image_size, n: int) -> None
   os.makedirs(out_dir, exist_ok=True)
   method = list(result["topk"])[-1]  # the best available ranking
   topk = result["topk"][method]
-  h, w = result["query_maps"].shape[1:3]
   for q in range(min(n, len(query))):
     ranked = topk[q]
     strip = ranking_strip(
@@ -68,16 +65,11 @@ def _pictures(out_dir, name, query, gallery, result, image_size, n: int) -> None
     )
     strip.save(os.path.join(out_dir, f"{name}_q{q:04d}_top{len(ranked)}.png"))
     g = int(ranked[0])
-    maxima, idx = match_maxima_with_indices(  # maps may be stored in float16 / bfloat16
-      np.asarray(result["query_maps"][q : q + 1], np.float32),
-      np.asarray(result["gallery_maps"][g : g + 1], np.float32),
-    )
-    correspondences(
+    match_picture(
       eval_image(query, q, image_size),
       eval_image(gallery, g, image_size),
-      np.asarray(maxima[0, 0]),
-      np.asarray(idx[0, 0]),
-      (h, w),
+      result["query_maps"][q],
+      result["gallery_maps"][g],
     ).save(os.path.join(out_dir, f"{name}_q{q:04d}_matches.png"))
 
 
@@ -169,17 +161,5 @@ def evaluate_checkpoint(
 ) -> dict:
   """Restores ``workdir``'s latest (or ``step``) checkpoint and evaluates it."""
   check_config(config, training=False)
-  step, state = checkpoint.restore_latest(workdir, step, model_cfg=config.model.to_dict())
-  absent = {"neck", "qaconv"} - set(state["params"])
-  if absent:
-    raise checkpoint.CheckpointMismatch(
-      f"{workdir} holds no {' or '.join(sorted(absent))} weights (a converted ImageNet "
-      "backbone?): train from it with config.init_from, then evaluate the training workdir."
-    )
-  return evaluate_variables(
-    config,
-    workdir,
-    {"params": state["params"], "batch_stats": state["batch_stats"]},
-    step,
-    visualize,
-  )
+  step, variables = checkpoint.restore_variables(config, workdir, step)
+  return evaluate_variables(config, workdir, variables, step, visualize)

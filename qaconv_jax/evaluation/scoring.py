@@ -71,16 +71,18 @@ def _pad(x: np.ndarray, n: int) -> np.ndarray:
   return np.concatenate([x, np.zeros(((n - len(x) % n) % n, *x.shape[1:]), x.dtype)])
 
 
-def _local_batches(source, image_size, rows: np.ndarray, global_batch: int, num_batches: int):
+def _local_batches(source, image_size, rows, global_batch: int, num_batches: int, image=None):
   """This process's rows ``[len(rows), H, W, 3]`` float32 of every global batch (global
-  position ``b * global_batch + row``; positions past the source are zero images)."""
+  position ``b * global_batch + row``; positions past the source are zero images).
+  ``image(i)``: image ``i`` as float32 ``[H, W, 3]`` in [0, 1] (default: `eval_image`)."""
   n = len(source)
   positions = (np.arange(num_batches)[:, None] * global_batch + rows[None]).reshape(-1)
+  image = image or (lambda i: eval_image(source, i, image_size).astype(np.float32) / 255.0)
 
   def load(i):
     if i >= n:
       return np.zeros((*image_size, 3), np.float32)
-    return eval_image(source, i, image_size).astype(np.float32) / 255.0
+    return image(i)
 
   ds = grain.MapDataset.source(positions).map(load).batch(len(rows), batch_fn=np.stack)
   return iterate(ds)
@@ -95,6 +97,8 @@ def extract_maps(
   mesh=None,
   dtype=None,
   out: np.ndarray | None = None,
+  image: Callable[[int], np.ndarray] | None = None,
+  progress: Progress | None = None,
 ) -> np.ndarray:
   """``[N, h, w, d]`` maps of every image of ``source`` in source order, on every process.
 
@@ -104,6 +108,9 @@ def extract_maps(
   padded and its padding dropped). ``dtype``: the stored maps' dtype (float16 / bfloat16
   halve the memory; default as computed); ``out``: an ``[N, h, w, d]`` array (e.g. a
   memory-mapped file) to write into batch by batch and return, instead of a new array.
+  ``image(i)``: how image ``i`` is loaded (float32 ``[H, W, 3]`` in [0, 1]; default: decoded
+  and resized as evaluation does); ``progress``: a bar (counting images) to advance instead
+  of a new one.
   """
   mesh = mesh or sharding.make_mesh()
   devices = mesh.shape["data"]
@@ -113,7 +120,7 @@ def extract_maps(
   fn, (args, kwargs) = _unbind(embed_fn)
   args, kwargs = sharding.replicate((args, kwargs), mesh)
   parts, pending = [], None
-  bar = Progress(label, num_batches)
+  bar = progress or Progress(label, len(source))
 
   def keep(maps: jax.Array, b: int) -> None:
     host = sharding.to_host(maps)[: len(source) - b * global_batch]
@@ -122,9 +129,10 @@ def extract_maps(
       parts.append(host)
     else:
       out[b * global_batch : b * global_batch + len(host)] = host
-    bar.update()
+    bar.update(len(host))
 
-  for b, local in enumerate(_local_batches(source, image_size, rows, global_batch, num_batches)):
+  batches = _local_batches(source, image_size, rows, global_batch, num_batches, image)
+  for b, local in enumerate(batches):
     images = sharding.rows_to_global(local, rows, global_batch, mesh)
     maps = fn(*args, images, **kwargs)
     if pending is not None:  # gathered one batch behind, so the devices never wait for it

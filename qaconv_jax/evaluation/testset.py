@@ -21,13 +21,10 @@ from qaconv_jax.evaluation.two_stage import (
   MAP_DTYPES,
   MapTable,
   ShortlistDistance,
-  device_table,
-  gather_on_device,
   generic_lists_fn,
   global_descriptors,
-  lists_batch,
+  lists_scorer,
   nearest,
-  score_lists,
 )
 from qaconv_jax.models.qaconv import check_eval_distance, logit_distance
 
@@ -251,7 +248,6 @@ def _two_stage(match_fn, lists_fn, q_maps, g_maps, cfg, mesh, distance, tlift_ar
   table = MapTable(q_maps, g_maps)
   q_desc, g_desc = global_descriptors(q_maps), global_descriptors(g_maps)
   budget = cfg.memory_budget_gb * 2**30
-  itemsize = np.dtype(q_maps.dtype).itemsize
   k = min(int(cfg.shortlist), g)
   index, _, _ = nearest(q_desc, g_desc, k, mesh=mesh)  # [P, K]
   clock.lap("global shortlists")
@@ -267,15 +263,10 @@ def _two_stage(match_fn, lists_fn, q_maps, g_maps, cfg, mesh, distance, tlift_ar
       stats.update(known_pairs=n * n, scored_on_demand=0)
     return dists, stats
 
-  on_device = None
-  if gather_on_device(table, cfg.get("lists_gather", "auto"), mesh):
-    on_device = device_table(table, mesh)
+  scorer = lists_scorer(lists_fn, table, budget, cfg.get("lists_gather", "auto"), mesh)
 
   def score(anchors, cands, anchor_is_probe, label):  # -> (logits, distances) [n, L]
-    batch = lists_batch(cands.shape[1], q_maps.shape[1:], itemsize, budget)
-    logits = score_lists(
-      lists_fn, table, anchors, cands, anchor_is_probe, mesh, batch, label, on_device
-    )
+    logits = scorer(anchors, cands, anchor_is_probe, label)
     return logits, np.asarray(logit_distance(logits, distance))
 
   logits, dist = score(np.arange(p), p + index, np.ones(index.shape, bool), "query shortlists")

@@ -253,6 +253,24 @@ def score_lists(
   return np.concatenate(out)[:n].astype(np.float32)
 
 
+def lists_scorer(
+  lists_fn: Callable, table: MapTable, budget_bytes: float, gather: str = "auto", mesh=None
+) -> Callable:
+  """``score(anchors [n], cands [n, L], anchor_is_probe [n, L], label) -> logits [n, L]``:
+  `score_lists` over ``table`` in batches that fit ``budget_bytes`` per device, the table
+  put on the devices once when ``gather`` (``config.eval.lists_gather``) says so."""
+  on_device = device_table(table, mesh) if gather_on_device(table, gather, mesh) else None
+  itemsize = np.dtype(table.query.dtype).itemsize
+
+  def score(anchors, cands, anchor_is_probe, label):
+    batch = lists_batch(cands.shape[1], table.query.shape[1:], itemsize, budget_bytes)
+    return score_lists(
+      lists_fn, table, anchors, cands, anchor_is_probe, mesh, batch, label, on_device
+    )
+
+  return score
+
+
 class ShortlistDistance:
   """A ``[P, G]`` ranking known on each query's shortlist (docs/method.md §13): the
   shortlist ``index [P, K]`` ordered by ``values [P, K]`` (a distance; ties by gallery

@@ -1,0 +1,122 @@
+"""Exporting a trained model for serving (docs/method.md §14): `qaconv_jax.exported` reads it.
+
+The embedding (images -> maps) and the matcher (query maps x gallery maps -> the distance
+search ranks by) are lowered with `jax.export` to StableHLO for every asked platform, with
+symbolic batch dimensions, their weights an argument kept beside them as plain arrays. The
+matcher is exported untiled (``match_block=None``: tiles are a runtime knob of the live
+model); the loader scores blocks of pairs that fit a memory budget instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import export as jax_export
+
+from qaconv_jax import exported
+from qaconv_jax.errors import ConfigError, OutputExists
+from qaconv_jax.models.model import IMAGENET_MEAN, IMAGENET_STD, QAConvModel, build_model
+from qaconv_jax.models.qaconv import logit_distance
+
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+_DISTANCES = {
+  "sigmoid": "1 - sigmoid(logit / 10) (the authors' v1.x and v2.1 tag)",
+  "neg_logit": "-logit (the authors' master)",
+}
+
+
+def export_functions(trained, platforms=("cpu", "cuda")):
+  """``(embed, distance, weights, map_shape)``: the two `jax.export.Exported` functions of
+  ``trained`` (``embed(weights, images [n, H, W, 3])``, ``distance(weights, q [q, h, w, d],
+  g [g, h, w, d])``), their flat list of weights and ``(h, w, d)``."""
+  bad = [p for p in platforms if p not in PLATFORMS]
+  if bad or not platforms:
+    raise ConfigError(f"platforms {list(platforms)}: expected some of {list(PLATFORMS)}.")
+  cfg = trained.config.model.copy_and_resolve_references()
+  cfg.match_block, cfg.match_impl = None, "xla"
+  model = build_model(cfg, numerics=trained.config.eval.dtype)
+  host = jax.tree.map(np.asarray, trained.variables)
+  weights, tree = jax.tree.flatten(host)
+  specs = [jax.ShapeDtypeStruct(w.shape, w.dtype) for w in weights]
+  kind = trained.distance
+
+  def embed(ws, images):
+    v = jax.tree.unflatten(tree, ws)
+    return model.apply(v, images, train=False, method=QAConvModel.embed)
+
+  def distance(ws, q, g):
+    v = jax.tree.unflatten(tree, ws)
+    logits = model.apply(v, q, g, train=False, method=QAConvModel.match)  # [q, g]
+    return logit_distance(logits, kind)
+
+  height, width = trained.image_size
+  (n,) = jax_export.symbolic_shape("n")
+  image_spec = jax.ShapeDtypeStruct((n, height, width, 3), jnp.float32)
+  map_shape = jax.eval_shape(embed, specs, jax.ShapeDtypeStruct((1, height, width, 3), jnp.float32))
+  map_shape = tuple(map_shape.shape[1:])
+  q, g = jax_export.symbolic_shape("q, g")
+  lower = lambda fn, *args: jax_export.export(jax.jit(fn), platforms=tuple(platforms))(*args)
+  e = lower(embed, specs, image_spec)
+  d = lower(
+    distance,
+    specs,
+    jax.ShapeDtypeStruct((q, *map_shape), jnp.float32),
+    jax.ShapeDtypeStruct((g, *map_shape), jnp.float32),
+  )
+  return e, d, weights, map_shape
+
+
+def export_model(trained, out: str, platforms=("cpu", "cuda"), overwrite: bool = False) -> dict:
+  """Writes ``trained``'s export into the folder ``out`` (all files appear at once: they
+  are written to a temporary folder, then renamed). Returns the ``model.json`` written."""
+  if os.path.exists(out) and not overwrite:
+    raise OutputExists(f"{out} exists: choose another --out, or pass --overwrite.")
+  embed, distance, weights, map_shape = export_functions(trained, platforms)
+  cfg = trained.config
+  norm = (
+    f"imagenet: (x - {list(IMAGENET_MEAN)}) / {list(IMAGENET_STD)}, inside embed"
+    if cfg.model.input_norm == "imagenet"
+    else "none: RGB in [0, 1] goes in as it is"
+  )
+  info = {
+    "format": exported.FORMAT,
+    **trained.describe(),
+    "platforms": list(platforms),
+    "input": {
+      "height": trained.image_size[0],
+      "width": trained.image_size[1],
+      "layout": "NHWC",
+      "dtype": "float32",
+      "channels": "RGB",
+      "range": [0.0, 1.0],
+      "resize": "PIL bicubic to (height, width), as evaluation",
+    },
+    "normalization": norm,
+    "maps": dict(zip("hwd", (int(s) for s in map_shape))),
+    "distance_formula": _DISTANCES[trained.distance],
+    "num_weights": len(weights),
+    "jax_version": jax.__version__,
+  }
+  tmp = f"{out.rstrip(os.sep)}.tmp{os.getpid()}"
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  try:
+    for name, e in ((exported.EMBED_FILE, embed), (exported.DISTANCE_FILE, distance)):
+      with open(os.path.join(tmp, name), "wb") as f:
+        f.write(e.serialize())
+    np.savez(
+      os.path.join(tmp, exported.WEIGHTS_FILE), **{f"w{i:05d}": w for i, w in enumerate(weights)}
+    )
+    with open(os.path.join(tmp, exported.INFO_FILE), "w") as f:
+      json.dump(info, f, indent=2)
+    if os.path.exists(out):
+      shutil.rmtree(out)
+    os.replace(tmp, out)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return info
