@@ -34,7 +34,8 @@ from common import best_time, machine, table
 
 from qaconv_jax import exported
 from qaconv_jax.inference.export_lib import export_model
-from qaconv_jax.inference.feature_index import build_index, list_images, load_image, open_index
+from qaconv_jax.inference.feature_index import list_images, load_image, open_index
+from qaconv_jax.inference.index_build import build_index
 from qaconv_jax.inference.search_lib import rank_index
 from qaconv_jax.inference.trained import load_trained
 from qaconv_jax.models.qaconv import logit_distance

@@ -27,9 +27,9 @@ from jax import export as jax_export
 FORMAT = 1
 EMBED_FILE, DISTANCE_FILE = "embed.jax_exported", "distance.jax_exported"
 WEIGHTS_FILE, INFO_FILE = "weights.npz", "model.json"
-# Bytes of pair similarities per distance call. On a 2-core CPU at 24x8 maps, 16 MB blocks
-# (small enough to stay in cache) ran 3.7x faster than 512 MB ones (bench/bench_search.py);
-# accelerators get large blocks (unmeasured: no GPU was at hand).
+# Bytes of pair similarities per distance call, by platform. On a 2-core CPU at 24x8 maps,
+# 16 MB blocks (small enough to stay in cache) ran 3.7x faster than 512 MB ones; others get
+# 1 GB blocks (unmeasured: no accelerator was at hand).
 DEFAULT_BUDGET = {"cpu": 2**24}
 
 
@@ -46,12 +46,13 @@ class ExportedModel:
       raise ValueError(
         f"{directory} is an export of format {self.info.get('format')}; this code reads {FORMAT}."
       )
-    backend = jax.default_backend()
-    if backend not in self.info["platforms"]:
+    platform = jax_export.default_export_platform()  # "cuda"/"rocm", not "gpu"
+    if platform not in self.info["platforms"]:
       raise RuntimeError(
-        f"{directory} was exported for {self.info['platforms']}, but JAX runs on {backend}: "
+        f"{directory} was exported for {self.info['platforms']}, but JAX runs on {platform}: "
         "export it again with --platforms including it."
       )
+    self.platform = platform
     with np.load(os.path.join(directory, WEIGHTS_FILE), allow_pickle=False) as w:
       weights = [w[f"w{i:05d}"] for i in range(self.info["num_weights"])]
     self._weights = jax.device_put(weights)
@@ -74,15 +75,19 @@ class ExportedModel:
     return self.info["fingerprint"]
 
   def embed(self, images, batch_size: int = 64) -> np.ndarray:
-    """float32 ``[n, H, W, 3]`` RGB in [0, 1] -> unit feature maps ``[n, h, w, d]``."""
+    """float32 ``[n, H, W, 3]`` RGB in [0, 1] -> unit feature maps ``[n, h, w, d]``.
+
+    Calls take ``batch_size`` images, fewer padded up to a power of two, so a service
+    compiles a handful of shapes, not one per request size."""
     images = np.asarray(images, np.float32)
     h, w = self.input_size
     if images.ndim != 4 or images.shape[1:] != (h, w, 3):
       raise ValueError(f"images must be [n, {h}, {w}, 3] RGB in [0, 1]; got {images.shape}.")
-    out = [
-      np.asarray(self._embed(self._weights, images[lo : lo + batch_size]))
-      for lo in range(0, len(images), batch_size)
-    ]
+    out = []
+    for lo in range(0, len(images), batch_size):
+      part = images[lo : lo + batch_size]
+      size = min(batch_size, 1 << (len(part) - 1).bit_length())
+      out.append(np.asarray(self._embed(self._weights, _pad(part, size)))[: len(part)])
     return np.concatenate(out) if out else np.zeros((0, *self.map_shape), np.float32)
 
   def distance(self, query_maps, gallery_maps, budget_bytes: float | None = None) -> np.ndarray:
@@ -90,7 +95,7 @@ class ExportedModel:
     [g, h, w, d]`` (the distance ``info["distance"]`` names, which search ranks by). Pairs
     are scored in blocks whose ``[pairs, hw, hw]`` similarities fit ``budget_bytes``
     (default: `DEFAULT_BUDGET` of this backend)."""
-    budget_bytes = budget_bytes or DEFAULT_BUDGET.get(jax.default_backend(), 2**30)
+    budget_bytes = budget_bytes or DEFAULT_BUDGET.get(self.platform, 2**30)
     q_maps = np.asarray(query_maps, np.float32)
     g_maps = np.asarray(gallery_maps, np.float32)
     for name, x in (("query", q_maps), ("gallery", g_maps)):
@@ -103,11 +108,18 @@ class ExportedModel:
     bq = min(len(q_maps), max(1, math.isqrt(pairs))) or 1
     bg = min(len(g_maps), max(1, pairs // bq)) or 1
     out = np.zeros((len(q_maps), len(g_maps)), np.float32)
+    # Edge blocks padded to the block shape: one compilation per (bq, bg).
     for i in range(0, len(q_maps), bq):
+      q_block = _pad(q_maps[i : i + bq], bq)
       for j in range(0, len(g_maps), bg):
-        block = self._distance(self._weights, q_maps[i : i + bq], g_maps[j : j + bg])
-        out[i : i + bq, j : j + bg] = np.asarray(block)
+        block = self._distance(self._weights, q_block, _pad(g_maps[j : j + bg], bg))
+        out[i : i + bq, j : j + bg] = np.asarray(block)[: len(q_maps) - i, : len(g_maps) - j]
     return out
+
+
+def _pad(x: np.ndarray, n: int) -> np.ndarray:
+  """``x`` with zero rows appended up to ``n`` rows (each row's output is its own)."""
+  return x if len(x) == n else np.concatenate([x, np.zeros((n - len(x), *x.shape[1:]), x.dtype)])
 
 
 def _deserialize(path: str):

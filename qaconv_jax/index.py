@@ -1,12 +1,13 @@
 """Index a folder of person crops with a trained model.
 
-  python -m qaconv_jax.index --workdir CKPT --images DIR_OR_GLOB --out INDEX
+  python -m qaconv_jax.index --workdir CKPT --images DIR_OR_GLOB [...] --out INDEX
       [--config CONFIG[:variant]] [--checkpoint STEP] [--map-dtype float16]
       [--chunk 1024] [--batch-size N] [--coordinator-address HOST:PORT --num-processes N
       --process-id I | --distributed]
 
-Embeds every image (a folder is searched recursively; a glob may use ``**``) on all devices
-and writes the index folder INDEX: the feature maps (float16 by default), the global
+Embeds every image (a folder is searched recursively; a glob may use ``**``; several may be
+given, and the index holds them sorted by path) on all devices and writes the index folder
+INDEX: the feature maps (float16 by default), the global
 descriptors and a metadata table (path; pid / camera / time where the file name is in a
 known dataset's format). It is written in chunks: run the same command again after an
 interruption and it resumes at the first unfinished chunk. An image that cannot be read or
@@ -27,7 +28,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     prog="python -m qaconv_jax.index", description=__doc__.split("\n\n")[2]
   )
   p.add_argument("--workdir", required=True, help="Training workdir holding checkpoints/.")
-  p.add_argument("--images", required=True, help="A folder of images, or a glob pattern.")
+  p.add_argument("--images", required=True, nargs="+", help="Image folder(s), glob(s) or file(s).")
   p.add_argument("--out", required=True, help="The index folder to write (or resume).")
   p.add_argument("--config", help="Config file[:variant] (default: CKPT/config.json).")
   p.add_argument("--checkpoint", type=int, help="Step to use (default: latest).")
@@ -46,10 +47,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> None:
   args = parse(argv)
   cli.init_distributed(args)
-  from qaconv_jax.inference.feature_index import build_index, list_images
+  from qaconv_jax.inference.feature_index import list_images
+  from qaconv_jax.inference.index_build import build_index
   from qaconv_jax.inference.trained import load_trained
 
-  images = list_images(args.images)
+  images = sorted({p for spec in args.images for p in list_images(spec)})
   trained = load_trained(args.workdir, args.config, args.checkpoint)
   print(
     f"indexing {len(images)} images with {args.workdir} step {trained.step} "
@@ -57,7 +59,7 @@ def main(argv: list[str]) -> None:
     flush=True,
   )
   out = build_index(trained, images, args.out, args.map_dtype, args.chunk, args.batch_size)
-  if not out["embedded"]:
+  if out["already_complete"]:
     print(f"{args.out} is already complete: nothing to do.", flush=True)
   elif out["chunks_done_before"]:
     print(f"resumed: {out['chunks_done_before']} of {out['chunks']} chunks were done.", flush=True)

@@ -51,11 +51,15 @@ def main(argv: list[str]) -> None:
   args = parse(argv)
   # Imported after parsing: --help answers without loading JAX.
   from qaconv_jax.data.pipeline import eval_image
+  from qaconv_jax.errors import OutputExists
   from qaconv_jax.inference.feature_index import list_images, load_image, open_index
   from qaconv_jax.inference.report import html_report
   from qaconv_jax.inference.search_lib import format_text, rank_index, results_json
   from qaconv_jax.inference.trained import load_trained
 
+  for path in (args.html, args.json):
+    if path and os.path.isdir(path):
+      raise OutputExists(f"{path} is a folder: --html and --json take a file name.")
   index = open_index(args.index)
   queries = [p for spec in args.query for p in list_images(spec)]
   trained = load_trained(args.workdir, args.config, args.checkpoint)
@@ -93,17 +97,27 @@ class _Files:
     self.index = index
 
   def __getitem__(self, row: int) -> dict:
+    from qaconv_jax.errors import MissingFile
+
     path = self.index.records[row]["path"]
-    with open(path, "rb") as f:
-      return {"image": f.read(), "where": path}
+    try:
+      with open(path, "rb") as f:
+        return {"image": f.read(), "where": path}
+    except OSError as e:
+      raise MissingFile(f"indexed image {path} cannot be read for the report: {e}.") from None
 
 
 def _write(path: str, text: str) -> None:
+  """``text`` into ``path`` as UTF-8 (through a temporary file: never half a file)."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
+  try:
+    with open(tmp, "w", encoding="utf-8", errors="surrogateescape") as f:
+      f.write(text)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """Helpers of the training tests: configs with overrides, and a checkpoint's leaves."""
 
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -44,3 +46,37 @@ def cli_env(devices: int | None = None) -> dict:
   if devices:
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   return env
+
+
+def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
+  """``python -m module args`` from the repository root, `cli_env`, output captured."""
+  return subprocess.run(
+    [sys.executable, "-m", module, *args],
+    cwd=ROOT,
+    env=cli_env(),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+
+
+def save_untrained_checkpoint(cfg, workdir, step=7, seed=0, model_overrides=None) -> None:
+  """A freshly initialised train state of ``cfg``'s model saved as ``workdir``'s checkpoint
+  ``step`` (5 classes); ``model_overrides``: settings recorded in its meta instead."""
+  from qaconv_jax.models.model import build_model
+  from qaconv_jax.optim import make_optimizer
+  from qaconv_jax.train_state import create_train_state
+
+  state = create_train_state(
+    build_model(cfg.model),
+    make_optimizer(cfg.optim, 10),
+    jax.random.key(seed),
+    tuple(cfg.data.image_size),
+    5,
+    cfg.loss,
+  )
+  model_cfg = {**cfg.model.to_dict(), **(model_overrides or {})}
+  mngr = checkpoint.manager(workdir)
+  checkpoint.save(mngr, step, state, {"model": model_cfg, "num_classes": 5})
+  mngr.wait_until_finished()
+  mngr.close()

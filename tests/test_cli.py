@@ -5,14 +5,10 @@ import os
 import subprocess
 import sys
 
-import jax
 import pytest
 
 from configs.default import get_config
-from qaconv_jax import checkpoint
-from qaconv_jax.models.model import build_model
-from qaconv_jax.optim import make_optimizer
-from qaconv_jax.train_state import create_train_state
+from tests.runs import save_untrained_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -51,19 +47,8 @@ def test_train_py_bad_config_values_are_one_line(tmp_path):
 
 @pytest.fixture(scope="module")
 def float32_run(tmp_path_factory):
-  cfg = get_config("tiny")
   workdir = str(tmp_path_factory.mktemp("run"))
-  state = create_train_state(
-    build_model(cfg.model),
-    make_optimizer(cfg.optim, 10),
-    jax.random.key(0),
-    tuple(cfg.data.image_size),
-    5,
-    cfg.loss,
-  )
-  mngr = checkpoint.manager(workdir)
-  checkpoint.save(mngr, 3, state, {"model": cfg.model.to_dict(), "num_classes": 5})
-  mngr.wait_until_finished()
+  save_untrained_checkpoint(get_config("tiny"), workdir, step=3)
   return workdir
 
 

@@ -16,8 +16,7 @@ from qaconv_jax import checkpoint
 from qaconv_jax.evaluation.scoring import block_shape, pairwise_distance
 from qaconv_jax.evaluation.testset import evaluate_testset
 from qaconv_jax.models.model import QAConvModel, build_model
-from qaconv_jax.optim import make_optimizer
-from qaconv_jax.train_state import create_train_state
+from tests.runs import save_untrained_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -153,21 +152,9 @@ def test_tlift_without_reranking_is_its_own_row(rng):
   assert out["notes"] == ["TLift not applied: this set lacks a time stamp for some images."]
 
 
-def _save_tiny_checkpoint(cfg, workdir, model_overrides=None):
-  model = build_model(cfg.model)
-  state = create_train_state(
-    model, make_optimizer(cfg.optim, 10), jax.random.key(0), tuple(cfg.data.image_size), 5, cfg.loss
-  )
-  model_cfg = cfg.model.to_dict()
-  model_cfg.update(model_overrides or {})
-  mngr = checkpoint.manager(workdir)
-  checkpoint.save(mngr, 7, state, {"model": model_cfg, "num_classes": 5})
-  mngr.wait_until_finished()
-
-
 def test_eval_py_end_to_end(tiny_config, tmp_path):
   workdir = str(tmp_path / "run")
-  _save_tiny_checkpoint(tiny_config, workdir)
+  save_untrained_checkpoint(tiny_config, workdir)
   proc = subprocess.run(
     [
       sys.executable,
@@ -206,7 +193,7 @@ def test_eval_py_end_to_end(tiny_config, tmp_path):
 def test_eval_py_two_stage_with_half_maps_on_disk(tiny_config, tmp_path):
   # eval.py in two-stage mode (docs/method.md §13): float16 maps, the gallery's in a file.
   workdir, maps = str(tmp_path / "run"), str(tmp_path / "maps")
-  _save_tiny_checkpoint(tiny_config, workdir)
+  save_untrained_checkpoint(tiny_config, workdir)
   flags = [
     "--config.eval.testsets=synthetic_b,synthetic_a",  # two sets: nothing carries over
     "--config.eval.sources.synthetic_a.synthetic_ids=12",
@@ -243,7 +230,7 @@ def test_checkpoint_from_another_model_is_refused(tiny_config, tmp_path):
   from qaconv_jax.evaluation.eval_lib import evaluate_checkpoint
 
   workdir = str(tmp_path / "run")
-  _save_tiny_checkpoint(tiny_config, workdir, {"depth": 34, "neck_dim": 64})
+  save_untrained_checkpoint(tiny_config, workdir, model_overrides={"depth": 34, "neck_dim": 64})
   with pytest.raises(
     checkpoint.CheckpointMismatch,
     match=r"depth: checkpoint 34 vs config 18; neck_dim: checkpoint 64",

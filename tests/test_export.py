@@ -1,8 +1,10 @@
 """python -m qaconv_jax.export and qaconv_jax.exported: StableHLO with a symbolic batch, run
 in a process that imports neither Flax nor the model code, equal to the live model."""
 
+import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -132,3 +134,31 @@ def test_existing_output_and_unknown_platforms_are_refused(exported_dir, trained
   with pytest.raises(ConfigError, match="platforms \\['metal'\\]"):
     export_model(trained, str(tmp_path / "x"), platforms=("metal",))
   assert not os.path.exists(tmp_path / "x")
+
+
+def test_overwrite_replaces_an_export_and_nothing_else(exported_dir, trained_run, tmp_path):
+  trained = load_trained(trained_run["workdir"])
+  target = str(tmp_path / "model")
+  shutil.copytree(exported_dir, target)
+  os.remove(os.path.join(target, "embed.jax_exported"))  # a damaged earlier export
+  info = export_model(trained, target, platforms=("cpu",), overwrite=True)
+  assert info["check"]["platform"] == "cpu" and info["check"]["max_abs_diff"] <= 1e-5
+  assert "embed.jax_exported" in os.listdir(target) and not glob.glob(f"{target}.*")
+  (tmp_path / "notes").mkdir()
+  (tmp_path / "notes" / "keep.txt").write_text("mine")
+  with pytest.raises(OutputExists, match="is not an export"):
+    export_model(trained, str(tmp_path / "notes"), overwrite=True)
+  assert (tmp_path / "notes" / "keep.txt").read_text() == "mine"
+
+
+def test_gpu_backends_load_under_their_export_platform(exported_dir, monkeypatch):
+  # On an NVIDIA machine jax.default_backend() says "gpu"; exports name "cuda".
+  from jax import export as jax_export
+
+  from qaconv_jax import exported
+
+  monkeypatch.setattr(jax_export, "default_export_platform", lambda: "cuda")
+  assert exported.load(exported_dir).platform == "cuda"
+  monkeypatch.setattr(jax_export, "default_export_platform", lambda: "tpu")
+  with pytest.raises(RuntimeError, match=r"exported for \['cpu', 'cuda'\], but JAX runs on tpu"):
+    exported.load(exported_dir)

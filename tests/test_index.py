@@ -15,24 +15,18 @@ import pytest
 
 from qaconv_jax.data import timestamps
 from qaconv_jax.data.filenames import describe_names
-from qaconv_jax.errors import DataError, MissingFile, OutputExists
-from qaconv_jax.inference import feature_index
-from qaconv_jax.inference.feature_index import build_index, list_images, load_image, open_index
+from qaconv_jax.errors import ConfigError, DataError, MissingFile, OutputExists
+from qaconv_jax.inference import index_build
+from qaconv_jax.inference.feature_index import list_images, load_image, open_index
+from qaconv_jax.inference.index_build import build_index
 from qaconv_jax.inference.trained import load_trained
-from tests.runs import cli_env
+from tests.runs import cli_env, run_module
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _cli(*args):
-  return subprocess.run(
-    [sys.executable, "-m", *args],
-    cwd=ROOT,
-    env=cli_env(),
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
+def _cli(module, *args):
+  return run_module(module, *args)
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +95,10 @@ def test_index_holds_maps_descriptors_and_metadata(cli_index, folder, trained):
   with open(os.path.join(out, "skipped.csv"), newline="") as f:
     skipped = list(csv.DictReader(f))
   assert [s["path"] for s in skipped] == [os.path.join(folder, "broken.jpg")]
-  assert "cannot decode image" in skipped[0]["reason"]
+  # The reason names the file and PIL's complaint (no object address: the file is stable).
+  assert skipped[0]["reason"] == f"cannot decode image {skipped[0]['path']}: OSError: " + (
+    "Truncated File Read"
+  )
   assert not os.path.exists(os.path.join(out, "chunks"))
 
 
@@ -122,7 +119,7 @@ def test_interrupted_build_resumes_at_the_first_unfinished_chunk(
 ):
   images = list_images(folder)
   out = str(tmp_path / "index")
-  real = feature_index._write_chunk
+  real = index_build._write_chunk
   written = []
 
   def crash_after_two(chunks_dir, c, *rest):
@@ -131,13 +128,13 @@ def test_interrupted_build_resumes_at_the_first_unfinished_chunk(
     real(chunks_dir, c, *rest)
     written.append(c)
 
-  monkeypatch.setattr(feature_index, "_write_chunk", crash_after_two)
+  monkeypatch.setattr(index_build, "_write_chunk", crash_after_two)
   with pytest.raises(KeyboardInterrupt):
     build_index(trained, images, out, chunk_size=8)
   assert written == [0, 1]
   with pytest.raises(DataError, match="incomplete"):
     open_index(out)
-  monkeypatch.setattr(feature_index, "_write_chunk", real)
+  monkeypatch.setattr(index_build, "_write_chunk", real)
   summary = build_index(trained, images, out, chunk_size=8)
   assert summary["chunks"] == 3 and summary["chunks_done_before"] == 2
   assert summary["embedded"] == len(images) - 16 and summary["indexed"] == 22
@@ -241,3 +238,77 @@ def test_two_processes_index_like_one(cli_index, folder, trained_run, tmp_path):
   np.testing.assert_allclose(two.maps.astype(np.float32), one.maps.astype(np.float32), atol=2e-3)
   with open(os.path.join(out, "skipped.csv"), newline="") as f:
     assert [r["path"] for r in csv.DictReader(f)] == [os.path.join(folder, "broken.jpg")]
+
+
+def test_bfloat16_maps_and_a_name_that_is_not_utf8(folder, trained, tmp_path):
+  # A Latin-1 file name (not UTF-8: Python holds it with surrogate escapes) and bfloat16
+  # maps, which NumPy stores as raw 2-byte records.
+  crops = tmp_path / "crops"
+  crops.mkdir()
+  images = list_images(folder)[:5]
+  for p in images:
+    shutil.copy(p, crops)
+  latin = os.fsdecode(os.path.join(os.fsencode(str(crops)), b"caf\xe9.jpg"))
+  shutil.copy(images[0], latin)
+  out = str(tmp_path / "index")
+  build_index(trained, list_images(str(crops)), out, map_dtype="bfloat16", chunk_size=4)
+  index = open_index(out)
+  assert index.maps.dtype == np.dtype("bfloat16") and len(index.maps) == 6
+  assert latin in [r["path"] for r in index.records]
+  with open(os.path.join(out, "images.txt"), "rb") as f:
+    assert b"caf\xe9.jpg" in f.read()
+  live = np.asarray(trained.embed(np.stack([load_image(latin, trained.image_size)])))
+  row = [r["path"] for r in index.records].index(latin)
+  np.testing.assert_allclose(index.maps[row].astype(np.float32), live[0], atol=8e-3)
+  from qaconv_jax.inference.search_lib import format_text, rank_index, results_json
+
+  copy = [r["path"] for r in index.records].index(os.path.join(crops, os.path.basename(images[0])))
+  for shortlist, top in ((0, 6), (3, 3)):  # a shortlist of 3 holds both (cosine 1)
+    ranking = rank_index(trained, index, [latin], top=top, shortlist=shortlist)
+    found = dict(zip(ranking.rows[0].tolist(), ranking.distance[0].tolist()))
+    assert found[row] == found[copy]  # the same image under two names: the same maps
+    assert "caf\ufffd.jpg" in format_text(results_json(index, [latin], ranking, trained))
+
+
+def test_crash_before_the_image_list_and_leftovers_resume_cleanly(folder, trained, tmp_path):
+  images = list_images(folder)[:6]
+  out = str(tmp_path / "index")
+
+  def crash(*args):
+    raise KeyboardInterrupt
+
+  real = index_build._write_chunk
+  index_build._write_chunk = crash
+  try:
+    with pytest.raises(KeyboardInterrupt):
+      build_index(trained, images, out, chunk_size=4)
+  finally:
+    index_build._write_chunk = real
+  # As if the run had died right after index.json: no image list, no chunks, a half file.
+  os.remove(os.path.join(out, "images.txt"))
+  shutil.rmtree(os.path.join(out, "chunks"))
+  open(os.path.join(out, "maps.npy.tmp999"), "w").close()
+  summary = build_index(trained, images, out, chunk_size=4)
+  assert summary["indexed"] == 6 and not summary["already_complete"]
+  assert sorted(os.listdir(out)) == [
+    "descriptors.npy",
+    "images.txt",
+    "index.json",
+    "maps.npy",
+    "metadata.csv",
+    "skipped.csv",
+  ]
+  os.makedirs(os.path.join(out, "chunks"))  # as if the run had died before removing them
+  again = build_index(trained, images, out, chunk_size=4)
+  assert again["already_complete"] and not os.path.exists(os.path.join(out, "chunks"))
+
+
+def test_bad_sizes_and_a_file_as_out_are_refused(folder, trained, tmp_path):
+  images = list_images(folder)[:2]
+  with pytest.raises(ConfigError, match="batch size 0: expected an integer >= 1"):
+    build_index(trained, images, str(tmp_path / "a"), batch_size=0)
+  with pytest.raises(ConfigError, match="chunk size -1"):
+    build_index(trained, images, str(tmp_path / "a"), chunk_size=-1)
+  (tmp_path / "file").write_text("x")
+  with pytest.raises(OutputExists, match="is a file, not an index folder"):
+    build_index(trained, images, str(tmp_path / "file"))

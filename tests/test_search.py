@@ -3,38 +3,24 @@ checked in headless Chromium), and a model other than the index's refused."""
 
 import json
 import os
-import subprocess
-import sys
+import shutil
 
-import jax
 import numpy as np
 import pytest
 
 from configs.default import get_config
-from qaconv_jax import checkpoint
 from qaconv_jax.errors import CheckpointMismatch, ConfigError
 from qaconv_jax.evaluation.eval_lib import evaluate_checkpoint
-from qaconv_jax.inference.feature_index import build_index, list_images, open_index
+from qaconv_jax.inference.feature_index import list_images, open_index
+from qaconv_jax.inference.index_build import build_index
 from qaconv_jax.inference.search_lib import rank_index, results_json
 from qaconv_jax.inference.trained import load_trained
-from qaconv_jax.models.model import build_model
-from qaconv_jax.optim import make_optimizer
-from qaconv_jax.train_state import create_train_state
 from tests.browser import rendered_images
-from tests.runs import cli_env
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.runs import run_module, save_untrained_checkpoint
 
 
 def _cli(*args):
-  return subprocess.run(
-    [sys.executable, "-m", "qaconv_jax.search", *args],
-    cwd=ROOT,
-    env=cli_env(),
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
+  return run_module("qaconv_jax.search", *args)
 
 
 @pytest.fixture(scope="module")
@@ -118,23 +104,8 @@ def test_top_beyond_the_shortlist_is_refused(setup):
 def test_an_index_of_another_model_is_refused(setup, trained_run, tmp_path):
   _, index, queries = setup
   other = str(tmp_path / "other")
-  cfg = get_config("tiny")
-  state = create_train_state(
-    build_model(cfg.model),
-    make_optimizer(cfg.optim, 10),
-    jax.random.key(1),
-    tuple(cfg.data.image_size),
-    5,
-    cfg.loss,
-  )
-  mngr = checkpoint.manager(other)
-  checkpoint.save(mngr, 1, state, {"model": cfg.model.to_dict(), "num_classes": 5})
-  mngr.wait_until_finished()
-  with (
-    open(os.path.join(trained_run["workdir"], "config.json")) as f,
-    open(os.path.join(other, "config.json"), "w") as g,
-  ):
-    g.write(f.read())
+  save_untrained_checkpoint(get_config("tiny"), other, step=1, seed=1)
+  shutil.copy(os.path.join(trained_run["workdir"], "config.json"), other)
   with pytest.raises(CheckpointMismatch, match="was built with another model"):
     rank_index(load_trained(other), index, queries[:1], top=3)
   proc = _cli("--index", index.path, "--workdir", other, "--query", queries[0])
@@ -152,8 +123,38 @@ def test_an_unreadable_query_is_a_one_line_error(setup, trained_run, tmp_path):
   bad.write_bytes(b"garbage")
   proc = _cli("--index", index.path, "--workdir", trained_run["workdir"], "--query", str(bad))
   assert proc.returncode == 1 and "Traceback" not in proc.stderr
-  assert (
-    proc.stderr.strip().splitlines()[-1]
-    == f"error: cannot decode image {bad}: "
-    + (proc.stderr.strip().splitlines()[-1].split(f"{bad}: ", 1)[1])
+  assert proc.stderr.strip().splitlines()[-1] == (
+    f"error: cannot decode image {bad}: not an image format PIL reads (or a corrupt header)."
   )
+
+
+def test_report_of_a_gap_model_says_it_has_no_correspondences(setup, trained_run, tmp_path):
+  from configs.default import get_config as demo_config
+  from qaconv_jax import search
+
+  _, _, queries = setup
+  cfg = demo_config("tiny")
+  cfg.model.head = "gap"
+  gap = str(tmp_path / "gap")
+  save_untrained_checkpoint(cfg, gap)
+  with open(os.path.join(gap, "config.json"), "w") as f:
+    f.write(cfg.to_json_best_effort())
+  images = list_images(os.path.join(trained_run["root"], "bounding_box_test", "[0-9]*.jpg"))[:6]
+  build_index(load_trained(gap), images, str(tmp_path / "index"))
+  page = str(tmp_path / "report.html")
+  search.main(
+    ["--index", str(tmp_path / "index"), "--workdir", gap, "--query", queries[0], "--top", "3"]
+    + ["--html", page]
+  )
+  with open(page, encoding="utf-8") as f:
+    text = f.read()
+  assert "GAP baseline model: no local matching" in text
+  assert text.count("<img ") == 1 + 3 and "local matches" not in text
+
+
+def test_report_of_a_moved_index_image_is_a_clear_error(tmp_path):
+  from qaconv_jax.errors import MissingFile
+  from qaconv_jax.inference.report import _thumb
+
+  with pytest.raises(MissingFile, match="keep its images where they were indexed"):
+    _thumb(str(tmp_path / "gone.jpg"))

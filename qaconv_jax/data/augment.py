@@ -15,7 +15,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
-from PIL import Image, ImageEnhance, ImageOps
+from PIL import Image, ImageEnhance, ImageOps, UnidentifiedImageError
 
 from qaconv_jax.errors import ConfigError, DataError
 
@@ -33,8 +33,12 @@ def decode(data: bytes | np.ndarray, where: str) -> Image.Image:
   try:
     img = Image.open(io.BytesIO(data))
     img.load()
+  except UnidentifiedImageError:
+    raise ImageDecodeError(
+      f"cannot decode image {where}: not an image format PIL reads (or a corrupt header)."
+    ) from None
   except Exception as e:  # PIL raises several types for corrupt files
-    raise ImageDecodeError(f"cannot decode image {where}: {e}") from None
+    raise ImageDecodeError(f"cannot decode image {where}: {type(e).__name__}: {e}") from None
   return img.convert("RGB")
 
 

@@ -72,10 +72,17 @@ def export_functions(trained, platforms=("cpu", "cuda")):
 
 
 def export_model(trained, out: str, platforms=("cpu", "cuda"), overwrite: bool = False) -> dict:
-  """Writes ``trained``'s export into the folder ``out`` (all files appear at once: they
-  are written to a temporary folder, then renamed). Returns the ``model.json`` written."""
-  if os.path.exists(out) and not overwrite:
-    raise OutputExists(f"{out} exists: choose another --out, or pass --overwrite.")
+  """Writes ``trained``'s export into the folder ``out`` and returns the ``model.json``
+  written, plus ``"check"``: the export, loaded as a service loads it, against the live
+  model on random images (``{"platform", "max_abs_diff"}``; None when this machine's platform
+  is not among ``platforms``). The files are written and checked in a temporary folder,
+  then renamed: ``out`` never holds a half or unchecked export. ``overwrite`` replaces an
+  earlier export (only an export: another folder is refused)."""
+  if os.path.exists(out):
+    if not overwrite:
+      raise OutputExists(f"{out} exists: choose another --out, or pass --overwrite.")
+    if not os.path.isfile(os.path.join(out, exported.INFO_FILE)):
+      raise OutputExists(f"{out} is not an export (no {exported.INFO_FILE}): not overwriting it.")
   embed, distance, weights, map_shape = export_functions(trained, platforms)
   cfg = trained.config
   norm = (
@@ -102,21 +109,39 @@ def export_model(trained, out: str, platforms=("cpu", "cuda"), overwrite: bool =
     "num_weights": len(weights),
     "jax_version": jax.__version__,
   }
-  tmp = f"{out.rstrip(os.sep)}.tmp{os.getpid()}"
+  tmp, old = (f"{out.rstrip(os.sep)}.{kind}{os.getpid()}" for kind in ("tmp", "old"))
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
   try:
     for name, e in ((exported.EMBED_FILE, embed), (exported.DISTANCE_FILE, distance)):
       with open(os.path.join(tmp, name), "wb") as f:
         f.write(e.serialize())
-    np.savez(
-      os.path.join(tmp, exported.WEIGHTS_FILE), **{f"w{i:05d}": w for i, w in enumerate(weights)}
-    )
+    arrays = {f"w{i:05d}": w for i, w in enumerate(weights)}
+    np.savez(os.path.join(tmp, exported.WEIGHTS_FILE), **arrays)
     with open(os.path.join(tmp, exported.INFO_FILE), "w") as f:
       json.dump(info, f, indent=2)
+    check = _check(trained, tmp) if jax_export.default_export_platform() in platforms else None
     if os.path.exists(out):
-      shutil.rmtree(out)
+      os.replace(out, old)  # aside until the new one is in place
     os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
-  return info
+  return {**info, "check": check}
+
+
+def _check(trained, directory: str, tolerance: float = 1e-4) -> dict:
+  """The export in ``directory`` against the live model on 3 random images: maps and their
+  distances. A difference beyond ``tolerance`` is a bug (RuntimeError)."""
+  served = exported.load(directory)
+  images = np.random.default_rng(0).uniform(size=(3, *trained.image_size, 3)).astype(np.float32)
+  maps = served.embed(images)
+  live_maps = np.asarray(trained.embed(images))
+  live_dist = np.asarray(logit_distance(trained.match(live_maps, live_maps), trained.distance))
+  diff = max(
+    float(np.abs(maps - live_maps).max()),
+    float(np.abs(served.distance(maps, maps) - live_dist).max()),
+  )
+  if not diff <= tolerance:
+    raise RuntimeError(f"the export differs from the live model by {diff:.3g} (a bug).")
+  return {"platform": served.platform, "max_abs_diff": diff}

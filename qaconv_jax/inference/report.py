@@ -11,6 +11,8 @@ import io
 import numpy as np
 from PIL import Image
 
+from qaconv_jax.errors import MissingFile
+from qaconv_jax.inference.search_lib import shown
 from qaconv_jax.visualize import match_picture
 
 THUMB_HEIGHT = 160
@@ -39,10 +41,16 @@ def _data_uri(img: Image.Image, kind: str = "JPEG") -> str:
 
 def _thumb(path: str) -> str:
   """The image at ``path`` as a JPEG data URI of height `THUMB_HEIGHT`."""
-  with Image.open(path) as im:
-    im = im.convert("RGB")
-    w = max(1, round(im.width * THUMB_HEIGHT / im.height))
-    return _data_uri(im.resize((w, THUMB_HEIGHT), Image.BICUBIC))
+  try:
+    with Image.open(path) as im:
+      im = im.convert("RGB")
+  except OSError as e:  # missing, unreadable, or no longer an image
+    raise MissingFile(
+      f"the report shows every listed image, but {shown(path)} cannot be read ({e}); an index "
+      "records absolute paths: keep its images where they were indexed."
+    ) from None
+  w = max(1, round(im.width * THUMB_HEIGHT / im.height))
+  return _data_uri(im.resize((w, THUMB_HEIGHT), Image.BICUBIC))
 
 
 def _caption(*parts) -> str:
@@ -56,7 +64,7 @@ def _where(item: dict) -> str:
 
 
 def _basename(path: str) -> str:
-  return path.replace("\\", "/").rsplit("/", 1)[-1]
+  return shown(path).replace("\\", "/").rsplit("/", 1)[-1]
 
 
 def html_report(
@@ -84,7 +92,7 @@ def html_report(
     + "</td></tr></table>"
   )
   body = [f"<h1>QAConv search: {len(report['queries'])} queries</h1>", head]
-  body += [f"<p class='note'>{html.escape(n)}</p>" for n in notes]
+  body += [f"<p class='note'>{html.escape(n)}</p>" for n in [*report["notes"], *notes]]
   for q, item in enumerate(report["queries"]):
     figures = [
       f"<figure class='query'><img alt='query' src='{_thumb(item['query'])}'>"

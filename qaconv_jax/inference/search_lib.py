@@ -38,6 +38,7 @@ class Ranking:
   query_maps: np.ndarray
   shortlist: int
   seconds: dict
+  notes: list[str]
 
 
 class _Queries:
@@ -91,6 +92,13 @@ def rank_index(trained, index, query_paths: list[str], top: int, shortlist: int 
       "distance; ask for at most that many or a longer shortlist."
     )
   top = min(top, num)  # a small index: all of it
+  notes = []
+  built_under = index.info["model"].get("numerics")
+  if built_under != trained.config.eval.dtype:
+    notes.append(
+      f"the queries are embedded under eval.dtype={trained.config.eval.dtype!r}, the index "
+      f"was under {built_under!r}: distances differ from a same-numerics search in rounding."
+    )
   seconds = {}
   start = time.perf_counter()
   q_maps = embed_queries(trained, query_paths, index.info["map_dtype"])
@@ -122,7 +130,7 @@ def rank_index(trained, index, query_paths: list[str], top: int, shortlist: int 
     rows = top_k_lists(ShortlistDistance(cands, dist, q_desc, index.descriptors), top)
     values = _values_at(cands, dist, rows)
   seconds["rank"] = time.perf_counter() - start
-  return Ranking(rows, values.astype(np.float32), q_maps, k, seconds)
+  return Ranking(rows, values.astype(np.float32), q_maps, k, seconds, notes)
 
 
 def _values_at(cands: np.ndarray, values: np.ndarray, chosen: np.ndarray) -> np.ndarray:
@@ -159,22 +167,31 @@ def results_json(index, query_paths: list[str], ranking: Ranking, trained) -> di
     "index": index.path,
     "model": {k: trained.describe()[k] for k in ("fingerprint", "workdir", "step")},
     "distance": trained.distance,
+    "map_dtype": index.info["map_dtype"],
     "shortlist": ranking.shortlist if ranking.shortlist < len(index.maps) else 0,
+    "notes": ranking.notes,
     "queries": queries,
   }
 
 
 def format_text(report: dict) -> str:
   """The printed top lists: rank, distance, camera, time, path."""
-  lines = []
+  lines = [f"note: {n}" for n in report["notes"]]
   for i, q in enumerate(report["queries"]):
-    lines.append(f"query {i + 1}/{len(report['queries'])}: {q['query']}{_where(q)}")
+    lines.append(f"query {i + 1}/{len(report['queries'])}: {shown(q['query'])}{_where(q)}")
     lines.append(f"  {'rank':>4}  {'distance':>10}  {'camera':>6}  {'time':>9}  path")
     for r in q["results"]:
       cam = "" if r["camera"] is None else str(r["camera"])
       t = "" if r["time"] is None else f"{r['time']:.1f}s"
-      lines.append(f"  {r['rank']:>4}  {r['distance']:>10.6f}  {cam:>6}  {t:>9}  {r['path']}")
+      path = shown(r["path"])
+      lines.append(f"  {r['rank']:>4}  {r['distance']:>10.6f}  {cam:>6}  {t:>9}  {path}")
   return "\n".join(lines)
+
+
+def shown(path: str) -> str:
+  """``path`` printable: bytes of a name that is not UTF-8 (kept as surrogate escapes)
+  shown as U+FFFD."""
+  return path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def _where(q: dict) -> str:
