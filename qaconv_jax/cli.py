@@ -48,6 +48,19 @@ def run_plain(main: Callable[[list[str]], object]) -> None:
     main([a for a in argv if a != "--debug"])
 
 
+def count(text: str) -> int:
+  """An argparse type: an integer >= 1 (else argparse's own one-line usage error)."""
+  import argparse
+
+  try:
+    value = int(text)
+  except ValueError:
+    value = 0
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+  return value
+
+
 def add_distributed_args(parser) -> None:
   """An argparse entry point's multi-host flags (as train.py's): every host passes
   ``--coordinator-address HOST:PORT --num-processes N --process-id I``, or ``--distributed``

@@ -86,7 +86,7 @@ class ExportedModel:
     out = []
     for lo in range(0, len(images), batch_size):
       part = images[lo : lo + batch_size]
-      size = min(batch_size, 1 << (len(part) - 1).bit_length())
+      size = min(batch_size, _pow2_at_least(len(part)))
       out.append(np.asarray(self._embed(self._weights, _pad(part, size)))[: len(part)])
     return np.concatenate(out) if out else np.zeros((0, *self.map_shape), np.float32)
 
@@ -105,8 +105,9 @@ class ExportedModel:
         )
     h, w, _ = self.map_shape
     pairs = max(1, int(budget_bytes // (2 * 4 * (h * w) ** 2)))
-    bq = min(len(q_maps), max(1, math.isqrt(pairs))) or 1
-    bg = min(len(g_maps), max(1, pairs // bq)) or 1
+    # Powers of two: a service meets a handful of block shapes whatever its request sizes.
+    bq = min(_pow2_at_least(len(q_maps)), _pow2_at_most(math.isqrt(pairs)))
+    bg = min(_pow2_at_least(len(g_maps)), _pow2_at_most(pairs // bq))
     out = np.zeros((len(q_maps), len(g_maps)), np.float32)
     # Edge blocks padded to the block shape: one compilation per (bq, bg).
     for i in range(0, len(q_maps), bq):
@@ -115,6 +116,14 @@ class ExportedModel:
         block = self._distance(self._weights, q_block, _pad(g_maps[j : j + bg], bg))
         out[i : i + bq, j : j + bg] = np.asarray(block)[: len(q_maps) - i, : len(g_maps) - j]
     return out
+
+
+def _pow2_at_least(n: int) -> int:
+  return 1 << max(0, n - 1).bit_length()
+
+
+def _pow2_at_most(n: int) -> int:
+  return 1 << (max(1, n).bit_length() - 1)
 
 
 def _pad(x: np.ndarray, n: int) -> np.ndarray:

@@ -38,8 +38,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     choices=("float16", "bfloat16", "float32"),
     help="How the maps are stored (default float16: half the disk of float32).",
   )
-  p.add_argument("--chunk", type=int, default=1024, help="Images per resumable chunk.")
-  p.add_argument("--batch-size", type=int, help="Images per step (default: config.eval).")
+  p.add_argument("--chunk", type=cli.count, default=1024, help="Images per resumable chunk.")
+  p.add_argument("--batch-size", type=cli.count, help="Images per step (default: config.eval).")
   cli.add_distributed_args(p)
   return p.parse_args(argv)
 

@@ -29,7 +29,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
   p.add_argument("--index", required=True, help="Index folder (python -m qaconv_jax.index).")
   p.add_argument("--workdir", required=True, help="Training workdir holding checkpoints/.")
   p.add_argument("--query", required=True, nargs="+", help="Query image(s), folder(s) or glob(s).")
-  p.add_argument("--top", type=int, default=10, help="Results per query (default 10).")
+  p.add_argument("--top", type=cli.count, default=10, help="Results per query (default 10).")
   p.add_argument(
     "--shortlist",
     type=int,
@@ -51,15 +51,13 @@ def main(argv: list[str]) -> None:
   args = parse(argv)
   # Imported after parsing: --help answers without loading JAX.
   from qaconv_jax.data.pipeline import eval_image
-  from qaconv_jax.errors import OutputExists
   from qaconv_jax.inference.feature_index import list_images, load_image, open_index
   from qaconv_jax.inference.report import html_report
   from qaconv_jax.inference.search_lib import format_text, rank_index, results_json
   from qaconv_jax.inference.trained import load_trained
 
-  for path in (args.html, args.json):
-    if path and os.path.isdir(path):
-      raise OutputExists(f"{path} is a folder: --html and --json take a file name.")
+  for path in filter(None, (args.html, args.json)):
+    _check_writable(path)  # before the work, not after it
   index = open_index(args.index)
   queries = [p for spec in args.query for p in list_images(spec)]
   trained = load_trained(args.workdir, args.config, args.checkpoint)
@@ -107,14 +105,33 @@ class _Files:
       raise MissingFile(f"indexed image {path} cannot be read for the report: {e}.") from None
 
 
+def _check_writable(path: str) -> None:
+  """Raises `OutputExists` unless a file can be written at ``path`` (its folder is made)."""
+  from qaconv_jax.errors import OutputExists
+
+  if os.path.isdir(path):
+    raise OutputExists(f"{path} is a folder: --html and --json take a file name.")
+  parent = os.path.dirname(os.path.abspath(path))
+  try:
+    os.makedirs(parent, exist_ok=True)
+  except OSError as e:
+    raise OutputExists(f"cannot write {path}: {e}.") from None
+  if not os.access(parent, os.W_OK):
+    raise OutputExists(f"cannot write {path}: its folder {parent} is not writable.")
+
+
 def _write(path: str, text: str) -> None:
   """``text`` into ``path`` as UTF-8 (through a temporary file: never half a file)."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  from qaconv_jax.errors import OutputExists
+
+  _check_writable(path)
   tmp = f"{path}.tmp{os.getpid()}"
   try:
     with open(tmp, "w", encoding="utf-8", errors="surrogateescape") as f:
       f.write(text)
     os.replace(tmp, path)
+  except OSError as e:
+    raise OutputExists(f"cannot write {path}: {e}.") from None
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)

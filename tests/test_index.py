@@ -196,32 +196,16 @@ def test_index_json_records_the_model(cli_index, trained):
   assert info["num_images"] == 23 and info["num_indexed"] == 22 and info["num_skipped"] == 1
 
 
-def test_two_processes_index_like_one(cli_index, folder, trained_run, tmp_path):
-  # One chunk, one global batch of 32 rows split over 2 processes: broken.jpg (sorted 21st)
-  # is loaded by process 1 only, and process 0, which writes the index, must still skip it.
+def _two_processes(workdir, folder, out):
+  """``python -m qaconv_jax.index`` as 2 processes of one device each: (returncodes, outputs)."""
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
-  out = str(tmp_path / "index")
   procs = [
     subprocess.Popen(
-      [
-        sys.executable,
-        "-m",
-        "qaconv_jax.index",
-        "--workdir",
-        trained_run["workdir"],
-        "--images",
-        folder,
-        "--out",
-        out,
-        "--coordinator-address",
-        f"127.0.0.1:{port}",
-        "--num-processes",
-        "2",
-        "--process-id",
-        str(i),
-      ],  # fmt: skip
+      [sys.executable, "-m", "qaconv_jax.index", "--workdir", workdir, "--images", folder]
+      + ["--out", out, "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2"]
+      + ["--process-id", str(i)],
       cwd=ROOT,
       env=cli_env(devices=1),
       stdout=subprocess.PIPE,
@@ -230,8 +214,20 @@ def test_two_processes_index_like_one(cli_index, folder, trained_run, tmp_path):
     )
     for i in range(2)
   ]
-  outs = [p.communicate(timeout=300)[0] for p in procs]
-  assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+  try:
+    outs = [p.communicate(timeout=180)[0] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  return [p.returncode for p in procs], outs
+
+
+def test_two_processes_index_like_one(cli_index, folder, trained_run, tmp_path):
+  # One chunk, one global batch of 32 rows split over 2 processes: broken.jpg (sorted 21st)
+  # is loaded by process 1 only, and process 0, which writes the index, must still skip it.
+  out = str(tmp_path / "index")
+  codes, outs = _two_processes(trained_run["workdir"], folder, out)
+  assert codes == [0, 0], outs[0][-3000:] + outs[1][-3000:]
   assert list_images(folder).index(os.path.join(folder, "broken.jpg")) == 20
   two, one = open_index(out), open_index(cli_index[0])
   assert two.records == one.records
@@ -312,3 +308,18 @@ def test_bad_sizes_and_a_file_as_out_are_refused(folder, trained, tmp_path):
   (tmp_path / "file").write_text("x")
   with pytest.raises(OutputExists, match="is a file, not an index folder"):
     build_index(trained, images, str(tmp_path / "file"))
+
+
+def test_a_write_failing_on_process_0_stops_every_process(folder, trained_run):
+  # Process 0 alone writes; when it cannot, the other process must not wait for it forever.
+  codes, outs = _two_processes(trained_run["workdir"], folder, "/proc/qaconv_index_test")
+  assert codes == [1, 1], outs
+  assert (
+    outs[0]
+    .strip()
+    .splitlines()[-1]
+    .startswith("error: preparing /proc/qaconv_index_test failed: [Errno")
+  )
+  assert outs[1].strip().splitlines()[-1] == (
+    "error: preparing /proc/qaconv_index_test failed on process 0 (its output says why)."
+  )

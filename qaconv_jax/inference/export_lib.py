@@ -110,9 +110,9 @@ def export_model(trained, out: str, platforms=("cpu", "cuda"), overwrite: bool =
     "jax_version": jax.__version__,
   }
   tmp, old = (f"{out.rstrip(os.sep)}.{kind}{os.getpid()}" for kind in ("tmp", "old"))
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
   try:
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
     for name, e in ((exported.EMBED_FILE, embed), (exported.DISTANCE_FILE, distance)):
       with open(os.path.join(tmp, name), "wb") as f:
         f.write(e.serialize())
@@ -121,20 +121,36 @@ def export_model(trained, out: str, platforms=("cpu", "cuda"), overwrite: bool =
     with open(os.path.join(tmp, exported.INFO_FILE), "w") as f:
       json.dump(info, f, indent=2)
     check = _check(trained, tmp) if jax_export.default_export_platform() in platforms else None
-    if os.path.exists(out):
-      os.replace(out, old)  # aside until the new one is in place
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+    _swap(tmp, out, old)
+  except OSError as e:  # an output that cannot be written: a folder, permissions, space
+    raise OutputExists(f"cannot write the export to {out}: {e}.") from None
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
   return {**info, "check": check}
 
 
-def _check(trained, directory: str, tolerance: float = 1e-4) -> dict:
-  """The export in ``directory`` against the live model on 3 random images: maps and their
-  distances. A difference beyond ``tolerance`` is a bug (RuntimeError)."""
+def _swap(new: str, out: str, old: str) -> None:
+  """``new`` renamed to ``out``; an earlier ``out`` is set aside as ``old`` meanwhile and
+  put back if the rename fails, removed once it succeeded."""
+  had = os.path.exists(out)
+  if had:
+    os.replace(out, old)
+  try:
+    os.replace(new, out)
+  except OSError:
+    if had:
+      os.replace(old, out)
+    raise
+  shutil.rmtree(old, ignore_errors=True)
+
+
+def _check(trained, directory: str) -> dict:
+  """The export in ``directory`` against the live model on 4 random images (a power of
+  two: both run the same batch shape), maps and their distances. A difference beyond
+  float32 rounding (1e-4; 5e-2 under reduced-precision ``eval.dtype``) is a bug."""
+  tolerance = 1e-4 if trained.config.eval.dtype == "float32" else 5e-2
   served = exported.load(directory)
-  images = np.random.default_rng(0).uniform(size=(3, *trained.image_size, 3)).astype(np.float32)
+  images = np.random.default_rng(0).uniform(size=(4, *trained.image_size, 3)).astype(np.float32)
   maps = served.embed(images)
   live_maps = np.asarray(trained.embed(images))
   live_dist = np.asarray(logit_distance(trained.match(live_maps, live_maps), trained.distance))

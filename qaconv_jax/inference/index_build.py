@@ -64,8 +64,9 @@ def build_index(
 ) -> dict:
   """Indexes ``images`` with ``trained`` (a `TrainedModel`) into the folder ``out``,
   resuming an interrupted build of the same index. Every process of a multi-process run
-  calls it. Returns ``{"images", "indexed", "skipped", "chunks", "chunks_done_before",
-  "embedded" (images embedded by this call), "already_complete", "seconds"}``."""
+  calls it with the same image list, and each returns the same summary: ``{"images",
+  "indexed", "skipped", "chunks", "chunks_done_before", "embedded" (images embedded by this
+  call), "already_complete", "seconds"}``."""
   if map_dtype not in MAP_DTYPES:
     raise ConfigError(f"map dtype {map_dtype!r}: expected one of {list(MAP_DTYPES)}.")
   for name, value in (
@@ -91,19 +92,13 @@ def build_index(
   start = time.perf_counter()
 
   # ---------------------------------------------------------------- process 0 decides
-  plan, error = np.zeros(num_chunks + 1, np.int32), None
-  if main:
-    try:
-      complete, done = _prepare(out, want, images, num_chunks)
-      plan = np.array([complete, *done], np.int32)
-    except QAConvError as e:
-      error = e
-  if _from_process_0(np.int32(error is not None)):
-    raise error or OutputExists(f"{out}: refused by process 0 (its message says why).")
-  plan = _from_process_0(plan)
+  _same_everywhere(want["images_sha256"])
+  prepared = _on_process_0(lambda: _prepare(out, want, images, num_chunks), f"preparing {out}")
+  plan = _from_process_0(np.array([0] * (num_chunks + 1) if not main else prepared, np.int32))
   summary = {"chunks": num_chunks, "chunks_done_before": int(plan[1:].sum()), "seconds": 0.0}
   if plan[0]:
-    return {**_counts(read_info(out)), **summary, "embedded": 0, "already_complete": True}
+    counts = _on_process_0(lambda: _counts(read_info(out)), f"reading {out}")
+    return {**_shared_counts(counts), **summary, "embedded": 0, "already_complete": True}
 
   # ---------------------------------------------------------------- embed the chunks left
   todo = np.flatnonzero(plan[1:] == 0)
@@ -112,19 +107,62 @@ def build_index(
   bar = Progress("indexing", remaining)
   for c in todo:
     maps, failed = _embed_chunk(trained, chunk(c), map_dtype, batch_size, bar)
-    if main:
-      _write_chunk(chunks_dir, int(c), chunk(c), maps, failed)
+    write = lambda: _write_chunk(chunks_dir, int(c), chunk(c), maps, failed)  # noqa: B023
+    _on_process_0(write, f"writing chunk {c} of {out}")
 
   # ---------------------------------------------------------------- assemble
-  kept, first = _kept_rows(chunks_dir, num_chunks) if main else (0, None)
-  if _from_process_0(np.int64(kept)) == 0:
-    why = f" (the first: {first[0]}: {first[1]})" if first else ""
+  rows = _on_process_0(lambda: _kept_rows(chunks_dir, num_chunks), "counting rows")
+  kept, first = rows if main else (0, None)
+  if _from_process_0(np.int64(kept if main else 0)) == 0:
+    why = f" (the first: {first[0]}: {first[1]})" if main and first else ""
     raise DataError(f"none of the {len(images)} images could be read or decoded{why}.")
-  if main:
-    _assemble(out, want, num_chunks)
-  _from_process_0(np.int32(0))  # the others wait for the files
+  counts = _on_process_0(lambda: _assemble(out, want, num_chunks), f"assembling {out}")
   summary["seconds"] = time.perf_counter() - start
-  return {**_counts(read_info(out)), **summary, "embedded": remaining, "already_complete": False}
+  return {**_shared_counts(counts), **summary, "embedded": remaining, "already_complete": False}
+
+
+def _on_process_0(fn, what: str):
+  """``fn()`` on process 0 (None elsewhere). Every process learns whether it failed and
+  raises then, so none is left waiting in a collective: process 0 its own error (a write
+  that failed as `OutputExists`), the others one that points at process 0's."""
+  result, error = None, None
+  if jax.process_index() == 0:
+    try:
+      result = fn()
+    except QAConvError as e:
+      error = e
+    except OSError as e:  # an output that cannot be written: a folder, permissions, space
+      error = OutputExists(f"{what} failed: {e}.")
+    except BaseException as e:  # a bug or an interrupt: raised as it is, after telling
+      error = e
+  if _from_process_0(np.int32(error is not None)):
+    if error is not None:
+      raise error
+    raise DataError(f"{what} failed on process 0 (its output says why).")
+  return result
+
+
+def _same_everywhere(digest: str) -> None:
+  """Refuses, on every process, image lists that differ between processes (a file system
+  that is not shared, or changing while the processes list it)."""
+  if jax.process_count() == 1:
+    return
+  from jax.experimental import multihost_utils
+
+  mine = np.frombuffer(bytes.fromhex(digest), np.uint8)
+  every = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, len(mine))
+  if (every != every[0]).any():
+    raise DataError(
+      "the processes list different images (is the image folder on a file system all hosts "
+      "share, and unchanged while indexing?)."
+    )
+
+
+def _shared_counts(counts: dict | None) -> dict:
+  """Process 0's ``counts`` on every process."""
+  keys = ("images", "indexed", "skipped")
+  values = np.array([counts[k] for k in keys] if counts else [0, 0, 0], np.int64)
+  return dict(zip(keys, (int(v) for v in _from_process_0(values))))
 
 
 def _counts(info: dict) -> dict:
@@ -140,9 +178,9 @@ def _from_process_0(value: np.ndarray) -> np.ndarray:
   return np.asarray(multihost_utils.broadcast_one_to_all(value))
 
 
-def _prepare(out: str, want: dict, images: list[str], num_chunks: int):
-  """Process 0: ``(complete, done [num_chunks] bool)`` of the index in ``out``, created
-  when new; `OutputExists` when ``out`` holds anything else than this same index."""
+def _prepare(out: str, want: dict, images: list[str], num_chunks: int) -> list:
+  """Process 0: ``[complete, done of chunk 0, ...]`` for the index in ``out``, created when
+  new; `OutputExists` when ``out`` holds anything else than this same index."""
   info_path = os.path.join(out, "index.json")
   if os.path.exists(out) and not os.path.isdir(out):
     raise OutputExists(f"{out} is a file, not an index folder: choose another --out.")
@@ -166,17 +204,17 @@ def _prepare(out: str, want: dict, images: list[str], num_chunks: int):
     os.makedirs(out, exist_ok=True)
     _write_json(info_path, want)  # first: from now on a rerun resumes this index
   chunks_dir = os.path.join(out, "chunks")
-  for stale in glob.glob(os.path.join(out, "*.tmp*")) + glob.glob(
-    os.path.join(chunks_dir, "*.tmp*")
+  for stale in glob.glob(os.path.join(glob.escape(out), "*.tmp*")) + glob.glob(
+    os.path.join(glob.escape(chunks_dir), "*.tmp*")
   ):
     os.remove(stale)  # half-written files of an interrupted run
   if read_info(out)["status"] == "complete":
     shutil.rmtree(chunks_dir, ignore_errors=True)  # left if the run ended right after
-    return True, [True] * num_chunks
+    return [1] * (num_chunks + 1)
   os.makedirs(chunks_dir, exist_ok=True)
   if not os.path.isfile(os.path.join(out, "images.txt")):
     _write_atomic(os.path.join(out, "images.txt"), lambda f: f.write(_lines(images)))
-  return False, [os.path.exists(_chunk(chunks_dir, c, "json")) for c in range(num_chunks)]
+  return [0] + [os.path.exists(_chunk(chunks_dir, c, "json")) for c in range(num_chunks)]
 
 
 def _lines(paths: list[str]) -> bytes:
@@ -252,8 +290,9 @@ def _kept_rows(chunks_dir: str, num_chunks: int) -> tuple[int, list | None]:
   return sum(len(part["kept"]) for part in parts), (skipped[0] if skipped else None)
 
 
-def _assemble(out: str, info: dict, num_chunks: int) -> None:
-  """Process 0: the final files from the chunks, then ``index.json`` marked complete."""
+def _assemble(out: str, info: dict, num_chunks: int) -> dict:
+  """Process 0: the final files from the chunks, then ``index.json`` marked complete;
+  returns the counts."""
   chunks_dir = os.path.join(out, "chunks")
   parts = [_read_rows(chunks_dir, c) for c in range(num_chunks)]
   kept = [p for part in parts for p in part["kept"]]
@@ -286,6 +325,7 @@ def _assemble(out: str, info: dict, num_chunks: int) -> None:
   done = {"num_indexed": len(kept), "num_skipped": len(skipped), "map_shape": list(shape)}
   _write_json(os.path.join(out, "index.json"), {**info, **done, "status": "complete"})
   shutil.rmtree(chunks_dir)
+  return {"images": info["num_images"], "indexed": len(kept), "skipped": len(skipped)}
 
 
 def _write_csv(path: str, header: list[str], rows: list) -> None:
