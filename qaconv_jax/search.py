@@ -50,8 +50,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> None:
   args = parse(argv)
   # Imported after parsing: --help answers without loading JAX.
-  from qaconv_jax.data.pipeline import eval_image
-  from qaconv_jax.inference.feature_index import list_images, load_image, open_index
+  from qaconv_jax.inference.feature_index import list_images, open_index, read_image
   from qaconv_jax.inference.report import html_report
   from qaconv_jax.inference.search_lib import format_text, rank_index, results_json
   from qaconv_jax.inference.trained import load_trained
@@ -77,32 +76,15 @@ def main(argv: list[str]) -> None:
       matches = 0
     page = html_report(
       report,
-      [(load_image(p, size) * 255).round().astype("uint8") for p in queries],
+      [read_image(p, size) for p in queries],
       ranking.query_maps,
-      lambda row: eval_image(_Files(index), row, size),
+      lambda row: read_image(index.records[row]["path"], size),
       index.maps,
       matches,
       tuple(notes),
     )
     _write(args.html, page)
     print(f"wrote {args.html}", flush=True)
-
-
-class _Files:
-  """An index's images as a source `eval_image` reads."""
-
-  def __init__(self, index):
-    self.index = index
-
-  def __getitem__(self, row: int) -> dict:
-    from qaconv_jax.errors import MissingFile
-
-    path = self.index.records[row]["path"]
-    try:
-      with open(path, "rb") as f:
-        return {"image": f.read(), "where": path}
-    except OSError as e:
-      raise MissingFile(f"indexed image {path} cannot be read for the report: {e}.") from None
 
 
 def _check_writable(path: str) -> None:

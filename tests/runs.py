@@ -48,16 +48,17 @@ def cli_env(devices: int | None = None) -> dict:
   return env
 
 
-def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
-  """``python -m module args`` from the repository root, `cli_env`, output captured."""
+def run_python(*args: str) -> subprocess.CompletedProcess:
+  """``python args`` (a script and its flags) from the repository root, `cli_env`, output
+  captured."""
   return subprocess.run(
-    [sys.executable, "-m", module, *args],
-    cwd=ROOT,
-    env=cli_env(),
-    capture_output=True,
-    text=True,
-    timeout=300,
+    [sys.executable, *args], cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=300
   )
+
+
+def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
+  """``python -m module args`` (`run_python`)."""
+  return run_python("-m", module, *args)
 
 
 def save_untrained_checkpoint(cfg, workdir, step=7, seed=0, model_overrides=None) -> None:

@@ -2,22 +2,11 @@
 traceback, bugs keep theirs."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 
 from configs.default import get_config
-from tests.runs import save_untrained_checkpoint
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _run(*args):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  return subprocess.run(
-    [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
-  )
+from tests.runs import run_python, save_untrained_checkpoint
 
 
 def _one_error_line(proc, starts):
@@ -28,7 +17,7 @@ def _one_error_line(proc, starts):
 
 
 def test_train_py_bad_config_values_are_one_line(tmp_path):
-  proc = _run(
+  proc = run_python(
     "train.py",
     "--config",
     "configs/default.py:tiny",
@@ -62,17 +51,17 @@ def test_checkpoint_mismatch_is_one_line_and_debug_shows_the_traceback(float32_r
     "--config.model.neck_dim=16",
   )
   _one_error_line(
-    _run(*args),
+    run_python(*args),
     "error: the checkpoint was written for a different model: neck_dim: checkpoint 32 vs config 16",
   )
-  debug = _run(*args, "--debug")
+  debug = run_python(*args, "--debug")
   assert debug.returncode != 0 and "Traceback" in debug.stderr
   assert "qaconv_jax.errors.CheckpointMismatch: the checkpoint was written" in debug.stderr
 
 
 def test_argparse_entry_points_too(tmp_path):
   _one_error_line(
-    _run(
+    run_python(
       "-m",
       "qaconv_jax.convert",
       "--from",

@@ -3,8 +3,6 @@
 import json
 import os
 import re
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -16,9 +14,7 @@ from qaconv_jax import checkpoint
 from qaconv_jax.evaluation.scoring import block_shape, pairwise_distance
 from qaconv_jax.evaluation.testset import evaluate_testset
 from qaconv_jax.models.model import QAConvModel, build_model
-from tests.runs import save_untrained_checkpoint
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.runs import run_python, save_untrained_checkpoint
 
 
 def test_block_shape_respects_budget():
@@ -155,21 +151,8 @@ def test_tlift_without_reranking_is_its_own_row(rng):
 def test_eval_py_end_to_end(tiny_config, tmp_path):
   workdir = str(tmp_path / "run")
   save_untrained_checkpoint(tiny_config, workdir)
-  proc = subprocess.run(
-    [
-      sys.executable,
-      "eval.py",
-      "--config",
-      "configs/default.py:tiny",
-      "--workdir",
-      workdir,
-      "--visualize",
-      "1",
-    ],
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    timeout=300,
+  proc = run_python(
+    "eval.py", "--config", "configs/default.py:tiny", "--workdir", workdir, "--visualize", "1"
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "QAConv+RR+TLift" in proc.stdout
@@ -204,14 +187,7 @@ def test_eval_py_two_stage_with_half_maps_on_disk(tiny_config, tmp_path):
     "--visualize",
     "1",
   ]
-  proc = subprocess.run(
-    [sys.executable, "eval.py", "--config", "configs/default.py:tiny", "--workdir", workdir]
-    + flags,
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
+  proc = run_python("eval.py", "--config", "configs/default.py:tiny", "--workdir", workdir, *flags)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "step 7, eval.distance=sigmoid, two-stage, eval.shortlist=30" in proc.stdout
   with open(os.path.join(workdir, "eval", "results.json")) as f:

@@ -46,8 +46,16 @@ def _finish(proc) -> str:
   return out
 
 
-def _distributed(port: int, i: int) -> list[str]:
-  return [str(port), "2", str(i)]
+def _one_and_two_processes(tmp_path, mode: str, one_devices: int) -> list[str]:
+  """The worker's ``mode`` as one process of ``one_devices`` devices (writing one.npz) and,
+  at the same time, as 2 processes of 2 devices each (two0.npz, two1.npz): their outputs."""
+  port = _free_port()
+  procs = [_start([WORKER, mode, str(tmp_path / "one.npz")], one_devices)]
+  procs += [
+    _start([WORKER, mode, str(tmp_path / f"two{i}.npz"), str(port), "2", str(i)], 2)
+    for i in range(2)
+  ]
+  return [_finish(p) for p in procs]
 
 
 def test_mesh_scoring_and_extraction_equal_one_device(tmp_path):
@@ -70,13 +78,7 @@ def test_mesh_scoring_and_extraction_equal_one_device(tmp_path):
 
 
 def test_two_processes_evaluate_a_testset_like_one(tmp_path):
-  port = _free_port()
-  procs = [_start([WORKER, "testset", str(tmp_path / "one.npz")], 4)]
-  procs += [
-    _start([WORKER, "testset", str(tmp_path / f"two{i}.npz"), *_distributed(port, i)], 2)
-    for i in range(2)
-  ]
-  outs = [_finish(p) for p in procs]
+  outs = _one_and_two_processes(tmp_path, "testset", 4)
   assert "query x gallery" in outs[1] and "query x gallery" not in outs[2]  # process 0 shows
   one = np.load(tmp_path / "one.npz")
   methods = json.loads(str(one["results"]))
@@ -94,13 +96,7 @@ def test_two_processes_evaluate_two_stage_like_one_device(tmp_path):
   # Shortlists of K = 8 of 21 gallery images, re-ranking (k1 = 7, with pairs scored on
   # demand) and TLift, float16 maps: 2 processes x 2 devices (gallery maps in a memory-mapped
   # file of each process's own) against 1 process x 1 device.
-  port = _free_port()
-  procs = [_start([WORKER, "two_stage", str(tmp_path / "one.npz")], 1)]
-  procs += [
-    _start([WORKER, "two_stage", str(tmp_path / f"two{i}.npz"), *_distributed(port, i)], 2)
-    for i in range(2)
-  ]
-  outs = [_finish(p) for p in procs]
+  outs = _one_and_two_processes(tmp_path, "two_stage", 1)
   assert "query shortlists" in outs[1] and "query shortlists" not in outs[2]  # process 0 shows
   one = np.load(tmp_path / "one.npz")
   methods = list(json.loads(str(one["results"])))

@@ -16,9 +16,7 @@ from qaconv_jax.errors import ConfigError, OutputExists
 from qaconv_jax.inference.export_lib import export_model
 from qaconv_jax.inference.trained import load_trained
 from qaconv_jax.models.qaconv import logit_distance
-from tests.runs import cli_env
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.runs import cli_env, run_module
 
 # Runs in a fresh interpreter: loads the export and writes its outputs, then reports which
 # modules got imported.
@@ -53,14 +51,7 @@ _SERVE = textwrap.dedent(
 @pytest.fixture(scope="module")
 def exported_dir(trained_run, tmp_path_factory):
   out = str(tmp_path_factory.mktemp("export") / "model")
-  proc = subprocess.run(
-    [sys.executable, "-m", "qaconv_jax.export", "--workdir", trained_run["workdir"], "--out", out],
-    cwd=ROOT,
-    env=cli_env(),
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
+  proc = run_module("qaconv_jax.export", "--workdir", trained_run["workdir"], "--out", out)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "checked on cpu: export = live model within" in proc.stdout
   return out

@@ -54,14 +54,19 @@ def list_images(spec: str) -> list[str]:
   return sorted(os.path.abspath(p) for p in found)
 
 
-def load_image(path: str, image_size: tuple[int, int]) -> np.ndarray:
-  """``path`` decoded and resized as evaluation does: float32 ``[H, W, 3]`` in [0, 1]."""
+def read_image(path: str, image_size: tuple[int, int]) -> np.ndarray:
+  """``path`` decoded and resized as evaluation does: uint8 ``[H, W, 3]``."""
   try:
     with open(path, "rb") as f:
       data = f.read()
   except OSError as e:
     raise MissingFile(f"cannot read image {path}: {e.strerror or e}") from None
-  return augment(decode(data, path), image_size, "none", None).astype(np.float32) / 255.0
+  return augment(decode(data, path), image_size, "none", None)
+
+
+def load_image(path: str, image_size: tuple[int, int]) -> np.ndarray:
+  """`read_image` as the model takes it: float32 ``[H, W, 3]`` in [0, 1]."""
+  return read_image(path, image_size).astype(np.float32) / 255.0
 
 
 def load_maps(path: str, dtype: str, mmap: bool = True) -> np.ndarray:

@@ -203,12 +203,13 @@ def _prepare(out: str, want: dict, images: list[str], num_chunks: int) -> list:
   else:
     os.makedirs(out, exist_ok=True)
     _write_json(info_path, want)  # first: from now on a rerun resumes this index
+    info = want
   chunks_dir = os.path.join(out, "chunks")
   for stale in glob.glob(os.path.join(glob.escape(out), "*.tmp*")) + glob.glob(
     os.path.join(glob.escape(chunks_dir), "*.tmp*")
   ):
     os.remove(stale)  # half-written files of an interrupted run
-  if read_info(out)["status"] == "complete":
+  if info["status"] == "complete":
     shutil.rmtree(chunks_dir, ignore_errors=True)  # left if the run ended right after
     return [1] * (num_chunks + 1)
   os.makedirs(chunks_dir, exist_ok=True)

@@ -41,34 +41,20 @@ class Ranking:
   notes: list[str]
 
 
-class _Queries:
-  """Query images for `extract_maps`: an unreadable query is an error, not a skip."""
-
-  def __init__(self, paths: list[str], image_size: tuple[int, int]):
-    self.paths, self.image_size = paths, image_size
-
-  def __len__(self) -> int:
-    return len(self.paths)
-
-  def image(self, i: int) -> np.ndarray:
-    return load_image(self.paths[i], self.image_size)
-
-
 def embed_queries(trained, paths: list[str], map_dtype: str) -> np.ndarray:
   """``[q, h, w, d]`` maps of the query images, stored in ``map_dtype`` (the index's)."""
-  source = _Queries(paths, trained.image_size)
   # A few queries are not padded to a whole evaluation batch: the next power of two (at
   # most a handful of compilations) up to eval.batch_size.
   batch = min(trained.config.eval.batch_size, 1 << max(0, len(paths) - 1).bit_length())
   return extract_maps(
     trained.embed,
-    source,
+    paths,  # a query that cannot be read is an error (load_image raises), not a skip
     trained.image_size,
     batch,
     label="query features",
     mesh=trained.mesh,
     dtype=MAP_DTYPES[map_dtype],
-    image=source.image,
+    image=lambda i: load_image(paths[i], trained.image_size),
   )
 
 
